@@ -1,0 +1,52 @@
+"""Adapter registry, keyed by the config's architecture (then model_type)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LINEAR_NAMES, SEQUENTIAL_GROUPS, LayerAdapter, ModelAdapter
+from .llama import LlamaAdapter
+from .mistral import MistralAdapter
+from .qwen2 import Qwen2Adapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter)
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def supported_architectures() -> list[str]:
+    return [arch for adapter in ADAPTERS for arch in adapter.architectures]
+
+
+def adapter_class_for_config(config: object) -> type[ModelAdapter]:
+    architectures = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if any(arch in adapter.architectures for arch in architectures):
+            return adapter
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {architectures or None} (model_type {model_type!r}); "
+        f"supported: {', '.join(supported_architectures())}"
+    )
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    return adapter_class_for_config(model.config)(model)
+
+
+__all__ = [
+    "ADAPTERS",
+    "LINEAR_NAMES",
+    "SEQUENTIAL_GROUPS",
+    "LayerAdapter",
+    "ModelAdapter",
+    "UnsupportedArchitectureError",
+    "adapter_class_for_config",
+    "get_adapter",
+    "supported_architectures",
+]

@@ -1,0 +1,125 @@
+"""The accessor contract between model families and the method.
+
+Rotation, pruning and the engine only talk to this vocabulary; they never touch
+family-specific module names (SliceGPT's lesson). An adapter is chosen from the
+model config (`architectures` / `model_type`), never from a hub name or path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+# True-sequential pruning order of SPEC §5: each group is pruned after re-collecting
+# the Gram matrices on the partly pruned layer.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+@dataclass(frozen=True)
+class LayerAdapter:
+    """Named access to one decoder layer of a pre-norm attention + SwiGLU block."""
+
+    layer: nn.Module
+    linear_paths: dict[str, str]
+    input_norm_path: str
+    post_attention_norm_path: str
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.layer.get_submodule(self.linear_paths[name])
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return {name: self.linear(name) for name in LINEAR_NAMES}
+
+    @property
+    def input_norm(self) -> nn.Module:
+        return self.layer.get_submodule(self.input_norm_path)
+
+    @property
+    def post_attention_norm(self) -> nn.Module:
+        return self.layer.get_submodule(self.post_attention_norm_path)
+
+
+class ModelAdapter:
+    """Named access to a causal LM of one family. Subclasses set the class attributes."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    linear_paths: ClassVar[dict[str, str]] = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+    input_norm_path: ClassVar[str] = "input_layernorm"
+    post_attention_norm_path: ClassVar[str] = "post_attention_layernorm"
+    layers_path: ClassVar[str] = "model.layers"
+    embedding_path: ClassVar[str] = "model.embed_tokens"
+    final_norm_path: ClassVar[str] = "model.norm"
+    lm_head_path: ClassVar[str] = "lm_head"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # --- structure -----------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer(self, index: int) -> LayerAdapter:
+        return self.wrap_layer(self.layers[index])
+
+    def wrap_layer(self, layer: nn.Module) -> LayerAdapter:
+        return LayerAdapter(layer, dict(self.linear_paths), self.input_norm_path, self.post_attention_norm_path)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.get_submodule(self.embedding_path)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.final_norm_path)
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_submodule(self.lm_head_path)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.lm_head.weight is self.embedding.weight
+
+    # --- facts ---------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        head_dim = getattr(self.config, "head_dim", None)
+        return int(head_dim or self.hidden_size // self.num_heads)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def linear_has_bias(self, name: str) -> bool:
+        return self.layer(0).linear(name).bias is not None
