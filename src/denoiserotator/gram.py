@@ -1,0 +1,43 @@
+"""Hook-based accumulation of Gram matrices H = Σ_t x_t x_tᵀ of linear layers' inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class GramAccumulator:
+    """Sums xᵀx over every token a linear sees. float64 on CPU (cheap there), float32 on GPU."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.gram = torch.zeros(features, features, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).to(self.gram.dtype)
+        self.gram.addmm_(flat.T, flat)
+        self.tokens += flat.shape[0]
+
+
+@contextmanager
+def collect_grams(linears: dict[str, nn.Linear]) -> Iterator[dict[str, GramAccumulator]]:
+    """While active, every forward of the given linears adds its input to their Gram matrix."""
+    accumulators: dict[str, GramAccumulator] = {}
+    handles = []
+    for name, linear in linears.items():
+        accumulator = GramAccumulator(linear.in_features, linear.weight.device)
+        accumulators[name] = accumulator
+
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], acc: GramAccumulator = accumulator) -> None:
+            acc.add(args[0].detach())
+
+        handles.append(linear.register_forward_pre_hook(hook))
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,1 @@
+"""DenoiseRotator rotations: fusing them into weights, their entropy loss, and learning them."""
