@@ -14,7 +14,13 @@ from denoiserotator.rotation.fuse import (
     merge_boundary_rotations,
 )
 from denoiserotator.rotation.loss import InputStatistic, group_entropy, linear_entropy
-from denoiserotator.rotation.train import LayerProblem, RotationSettings, layer_loss, orthogonal_from, train_rotation
+from denoiserotator.rotation.train import (
+    LayerProblem,
+    RotationSettings,
+    layer_loss,
+    orthogonal_from,
+    train_rotation,
+)
 from denoiserotator.testing import FAMILIES, tiny_model
 
 
@@ -120,7 +126,9 @@ def test_qwen2_v_bias_is_rotated() -> None:
 def test_group_entropy_matches_formula() -> None:
     scores = torch.tensor([[1.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
     rows = group_entropy(scores, dim=1)
-    expected = torch.log(torch.tensor(2.0)) + -(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25)))
+    expected = torch.log(torch.tensor(2.0)) + -(
+        0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))
+    )
     assert torch.isclose(rows, expected)
     # columns: [1,3] -> (.25,.75); [1,1] -> (.5,.5); [0,0] -> 0 (0 log 0 = 0)
     assert torch.isclose(group_entropy(scores, dim=0), expected)
@@ -139,7 +147,11 @@ def test_sparsegpt_statistic_uses_rotated_inverse_diagonal() -> None:
     expected = 1.0 / torch.diagonal(rotation.T @ inverse @ rotation)
     assert torch.allclose(statistic.column_factor(rotation.float()).double(), expected, rtol=1e-4)
     wanda = InputStatistic.from_gram("wanda", gram)
-    assert torch.allclose(wanda.column_factor(rotation.float()).double(), torch.diagonal(rotation.T @ gram @ rotation), rtol=1e-4)
+    assert torch.allclose(
+        wanda.column_factor(rotation.float()).double(),
+        torch.diagonal(rotation.T @ gram @ rotation),
+        rtol=1e-4,
+    )
 
 
 def _problem(score: str) -> LayerProblem:

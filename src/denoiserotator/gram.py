@@ -32,7 +32,9 @@ def collect_grams(linears: dict[str, nn.Linear]) -> Iterator[dict[str, GramAccum
         accumulator = GramAccumulator(linear.in_features, linear.weight.device)
         accumulators[name] = accumulator
 
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], acc: GramAccumulator = accumulator) -> None:
+        def hook(
+            _module: nn.Module, args: tuple[torch.Tensor, ...], acc: GramAccumulator = accumulator
+        ) -> None:
             acc.add(args[0].detach())
 
         handles.append(linear.register_forward_pre_hook(hook))

@@ -52,7 +52,9 @@ def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(family: str, vocab_size: int = 384, num_layers: int = 2, tie: bool = False) -> PretrainedConfig:
+def tiny_config(
+    family: str, vocab_size: int = 384, num_layers: int = 2, tie: bool = False
+) -> PretrainedConfig:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,

@@ -81,7 +81,9 @@ class ModelAdapter:
         return self.wrap_layer(self.layers[index])
 
     def wrap_layer(self, layer: nn.Module) -> LayerAdapter:
-        return LayerAdapter(layer, dict(self.linear_paths), self.input_norm_path, self.post_attention_norm_path)
+        return LayerAdapter(
+            layer, dict(self.linear_paths), self.input_norm_path, self.post_attention_norm_path
+        )
 
     @property
     def embedding(self) -> nn.Embedding:

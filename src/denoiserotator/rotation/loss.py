@@ -41,7 +41,11 @@ class InputStatistic:
 
     @classmethod
     def from_gram(
-        cls, score: ScoreName, gram: torch.Tensor | None, variant: LossVariant = "paper", percdamp: float = 0.01
+        cls,
+        score: ScoreName,
+        gram: torch.Tensor | None,
+        variant: LossVariant = "paper",
+        percdamp: float = 0.01,
     ) -> InputStatistic:
         if score == "magnitude":
             return cls(score, None, variant=variant)

@@ -78,7 +78,9 @@ class LayerProblem:
         return rotation, blocks
 
 
-def layer_loss(problem: LayerProblem, rotation: torch.Tensor, blocks: torch.Tensor, variant: LossVariant) -> torch.Tensor:
+def layer_loss(
+    problem: LayerProblem, rotation: torch.Tensor, blocks: torch.Tensor, variant: LossVariant
+) -> torch.Tensor:
     """Plain sum of the group entropies of the seven rotated linears (no weights, no regulariser)."""
     compute_dtype = torch.bfloat16 if variant == "reference" else torch.float32
     w = {name: weight.to(compute_dtype) for name, weight in problem.weights.items()}
@@ -150,7 +152,10 @@ def train_rotation(
     loss_start = float("nan")
     trace: list[float] = []
     bar = tqdm(
-        range(settings.steps + 1), desc=description, leave=False, disable=not (progress and sys.stderr.isatty())
+        range(settings.steps + 1),
+        desc=description,
+        leave=False,
+        disable=not (progress and sys.stderr.isatty()),
     )
     # steps + 1 evaluations: the loss after the last update is a candidate too.
     for step in bar:

@@ -1,0 +1,241 @@
+"""The sequential DenoiseRotator procedure (SPEC §5) and plain pruning through the same engine.
+
+For each decoder layer: fold norms → Gram matrices on the current inputs (outputs of the
+already rotated and pruned layers) → learn R1, R2 → fuse → prune in true-sequential groups,
+re-collecting Gram matrices on the rotated, partly pruned layer → outputs become the next
+layer's inputs. Activations are kept in the original basis between layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import LINEAR_NAMES, SEQUENTIAL_GROUPS, get_adapter
+from .engine import capture_layer_inputs, run_layer
+from .gram import collect_grams
+from .pruners import PRUNERS, parse_pattern, prune_weight
+from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
+from .rotation.loss import SCORES
+from .rotation.train import LayerProblem, RotationSettings, train_rotation
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class PruneSettings:
+    pruner: str = "wanda"  # one of PRUNERS, or "none" (rotation only)
+    pattern: str | None = "50%"
+    rotation: Literal["none", "denoise"] = "denoise"
+    steps: int = 2000
+    lr: float = 0.01
+    clip: float = 1.0
+    loss_variant: Literal["paper", "reference"] = "paper"
+    loss_score: str | None = None  # score the rotation loss uses; defaults to the pruner's
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 8
+    sparsegpt_blocksize: int = 128
+    percdamp: float = 0.01
+    merge_boundaries: bool = True
+
+    def validate(self) -> None:
+        if self.pruner not in (*PRUNERS, "none"):
+            raise ValueError(f"unknown pruner {self.pruner!r}; choose from {', '.join((*PRUNERS, 'none'))}")
+        if self.rotation not in ("none", "denoise"):
+            raise ValueError(f"unknown rotation {self.rotation!r}; choose 'none' or 'denoise'")
+        if self.pruner == "none" and self.rotation == "none":
+            raise ValueError("nothing to do: pruner 'none' with rotation 'none' is the dense model")
+        if self.pruner != "none":
+            if self.pattern is None:
+                raise ValueError(f"pruner {self.pruner!r} needs a sparsity pattern")
+            parse_pattern(self.pattern)
+        if self.rotation == "denoise" and self.resolved_loss_score not in SCORES:
+            raise ValueError(f"loss score {self.resolved_loss_score!r} not one of {SCORES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("rotation steps must be >= 0 and lr > 0")
+
+    @property
+    def resolved_loss_score(self) -> str:
+        if self.loss_score:
+            return self.loss_score
+        return "wanda" if self.pruner == "none" else self.pruner
+
+    def rotation_settings(self) -> RotationSettings:
+        return RotationSettings(
+            steps=self.steps, lr=self.lr, clip=self.clip, variant=self.loss_variant, percdamp=self.percdamp
+        )
+
+
+@dataclass
+class PipelineResult:
+    model: nn.Module
+    boundary: list[torch.Tensor | None] | None
+    rotations: list[torch.Tensor | None]
+    layer_stats: list[dict[str, Any]] = field(default_factory=list)
+    untied_embeddings: bool = False
+    seconds: float = 0.0
+
+
+def _divisor_at_most(total: int, limit: int) -> int:
+    # All batches must share a shape so that the captured masks fit every batch.
+    return max(d for d in range(1, min(total, max(limit, 1)) + 1) if total % d == 0)
+
+
+def _rotate(hidden: list[torch.Tensor], rotation: torch.Tensor | None) -> list[torch.Tensor]:
+    if rotation is None:
+        return list(hidden)
+    rotation = rotation.to(hidden[0].dtype)
+    return [batch @ rotation for batch in hidden]
+
+
+@torch.no_grad()
+def _grams_for(
+    layer: nn.Module,
+    names: tuple[str, ...],
+    linears: dict[str, nn.Linear],
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    with collect_grams({name: linears[name] for name in names}) as accumulators:
+        run_layer(layer, hidden, kwargs)
+    return {name: acc.gram for name, acc in accumulators.items()}
+
+
+def run_pipeline(
+    model: nn.Module, input_ids: torch.Tensor, settings: PruneSettings, progress: bool = True
+) -> PipelineResult:
+    """Rotate (optionally) and prune (optionally) `model` in place, layer by layer."""
+    settings.validate()
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    adapter = get_adapter(model)
+    model.config.use_cache = False
+    pattern = parse_pattern(settings.pattern) if settings.pruner != "none" else None
+    rotate = settings.rotation == "denoise"
+    batch_size = _divisor_at_most(input_ids.shape[0], settings.batch_size)
+
+    inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
+    hidden = inputs.hidden
+    rotations: list[torch.Tensor | None] = []
+    stats: list[dict[str, Any]] = []
+    show = progress and sys.stderr.isatty()
+    for index in tqdm(range(adapter.num_layers), desc="layers", disable=not show):
+        layer_started = time.perf_counter()
+        layer = adapter.layers[index].to(device=device, dtype=dtype)
+        view = adapter.wrap_layer(layer)
+        linears = view.linears()
+        kwargs = inputs.layer_kwargs[index]
+        record: dict[str, Any] = {"layer": index}
+        rotation: torch.Tensor | None = None
+
+        if rotate:
+            fold_layer_norms(view)
+            score = settings.resolved_loss_score
+            grams = (
+                _grams_for(layer, ("q", "o", "gate", "down"), linears, hidden, kwargs)
+                if score != "magnitude"
+                else {}
+            )
+            problem = LayerProblem.from_layer(
+                {name: linear.weight.data for name, linear in linears.items()},
+                grams,
+                score,  # type: ignore[arg-type]
+                adapter.num_heads,
+                adapter.num_kv_heads,
+                adapter.head_dim,
+                variant=settings.loss_variant,
+                percdamp=settings.percdamp,
+            )
+            result = train_rotation(
+                problem,
+                settings.rotation_settings(),
+                progress=progress,
+                description=f"layer {index} rotation",
+            )
+            rotation = result.rotation.to(device)
+            fuse_layer_rotation(view, rotation, result.head_blocks.to(device), adapter.num_heads)
+            record.update(result.summary())
+            record["loss_score"] = score
+            del problem, grams
+
+        if pattern is not None:
+            rotated_hidden = _rotate(hidden, rotation)
+            damping: dict[str, float | None] = {}
+            for group in SEQUENTIAL_GROUPS:
+                grams = (
+                    _grams_for(layer, group, linears, rotated_hidden, kwargs)
+                    if settings.pruner != "magnitude"
+                    else {}
+                )
+                for name in group:
+                    linear = linears[name]
+                    pruned = prune_weight(
+                        settings.pruner,
+                        linear.weight.data,
+                        grams.get(name),
+                        pattern,
+                        blocksize=settings.sparsegpt_blocksize,
+                        percdamp=settings.percdamp,
+                    )
+                    linear.weight.data = pruned.weight.to(linear.weight.dtype)
+                    damping[name] = pruned.damping
+            record["damping"] = damping
+            record["sparsity"] = {
+                name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES
+            }
+
+        step_layer = RotatedLayer(layer, rotation) if rotation is not None else layer
+        hidden = run_layer(step_layer, hidden, kwargs)
+        if not all(torch.isfinite(batch).all() for batch in hidden):
+            raise FloatingPointError(f"non-finite activations after layer {index}")
+        adapter.layers[index] = layer.to("cpu")
+        rotations.append(None if rotation is None else rotation.to("cpu", torch.float32))
+        record["seconds"] = time.perf_counter() - layer_started
+        stats.append(record)
+        log.info("layer %d: %s", index, {k: v for k, v in record.items() if k not in ("sparsity", "damping")})
+
+    model.to("cpu")
+    untied = False
+    boundary: list[torch.Tensor | None] | None = None
+    if rotate:
+        was_tied = adapter.tied_embeddings
+        if settings.merge_boundaries:
+            boundary = merge_boundary_rotations(adapter, rotations)
+            untied = was_tied
+        else:
+            # Unmerged in-memory form: each layer rotates in and out by itself.
+            for index, rotation in enumerate(rotations):
+                adapter.layers[index] = RotatedLayer(adapter.layers[index], rotation)
+    return PipelineResult(model, boundary, rotations, stats, untied, time.perf_counter() - started)
+
+
+def settings_dict(settings: PruneSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    data["pattern"] = (
+        str(parse_pattern(settings.pattern)) if settings.pattern and settings.pruner != "none" else None
+    )
+    return data
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,106 @@
+"""The sequential engine and the DenoiseRotator pipeline on tiny models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denoiserotator.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.engine import capture_layer_inputs, run_layer
+from denoiserotator.pipeline import PruneSettings, run_pipeline
+from denoiserotator.testing import FAMILIES, tiny_model
+
+from .test_rotation import apply_boundary_hooks
+
+
+def calibration(model: torch.nn.Module, samples: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (samples, length), generator=generator)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_reproduces_the_models_hidden_states(family: str) -> None:
+    model = tiny_model(family, num_layers=3)
+    ids = calibration(model, length=20)  # longer than Mistral's window of 8
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True).hidden_states
+    inputs = capture_layer_inputs(adapter, ids, batch_size=2, device=torch.device("cpu"), dtype=torch.float32)
+    assert "position_embeddings" in inputs.layer_kwargs[0]
+    hidden = inputs.hidden
+    assert torch.allclose(torch.cat(hidden), reference[0], atol=1e-6)
+    for index in range(adapter.num_layers):
+        hidden = run_layer(adapter.layers[index], hidden, inputs.layer_kwargs[index])
+        if index < adapter.num_layers - 1:  # the last entry of hidden_states is after the final norm
+            assert torch.allclose(torch.cat(hidden), reference[index + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("merge", [True, False])
+def test_rotation_only_pipeline_keeps_the_function(family: str, merge: bool) -> None:
+    model = tiny_model(family, num_layers=2, tie=family == "llama")
+    ids = calibration(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+    settings = PruneSettings(
+        pruner="none", rotation="denoise", steps=15, loss_score="wanda", merge_boundaries=merge
+    )
+    result = run_pipeline(model, ids, settings, progress=False)
+    # The rotations really moved away from identity and lowered the loss.
+    assert all(stat["entropy_after"] < stat["entropy_before"] for stat in result.layer_stats)
+    assert all(not torch.allclose(q, torch.eye(q.shape[0])) for q in result.rotations)
+    if merge:
+        apply_boundary_hooks(result.model, result.boundary)
+    with torch.no_grad():
+        actual = result.model(ids).logits
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "pruner,pattern,rotation",
+    [
+        ("magnitude", "50%", "denoise"),
+        ("wanda", "50%", "denoise"),
+        ("sparsegpt", "50%", "none"),
+        ("sparsegpt", "2:4", "denoise"),
+        ("wanda", "4:8", "none"),
+    ],
+)
+def test_pipeline_prunes_every_linear_to_the_exact_pattern(pruner: str, pattern: str, rotation: str) -> None:
+    model = tiny_model("qwen2", num_layers=2)
+    ids = calibration(model)
+    settings = PruneSettings(
+        pruner=pruner, pattern=pattern, rotation=rotation, steps=5, sparsegpt_blocksize=32
+    )
+    result = run_pipeline(model, ids, settings, progress=False)
+    adapter = get_adapter(result.model)
+    for index in range(adapter.num_layers):
+        for name in LINEAR_NAMES:
+            weight = adapter.layer(index).linear(name).weight.data
+            zeros = weight == 0
+            if ":" in pattern:
+                n, m = (int(part) for part in pattern.split(":"))
+                groups = zeros.reshape(weight.shape[0], -1, m).sum(dim=-1)
+                assert bool((groups >= n).all()), (index, name)
+            else:
+                assert zeros.float().mean().item() == pytest.approx(0.5, abs=1e-6), (index, name)
+            if pruner == "wanda" and ":" not in pattern:
+                assert bool((zeros.sum(dim=1) == weight.shape[1] // 2).all())
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_pipeline_is_deterministic() -> None:
+    outputs = []
+    for _ in range(2):
+        model = tiny_model("llama", num_layers=2)
+        settings = PruneSettings(pruner="wanda", pattern="2:4", rotation="denoise", steps=5)
+        result = run_pipeline(model, calibration(model), settings, progress=False)
+        outputs.append(torch.cat([p.detach().flatten() for p in result.model.parameters()]))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_bad_settings_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown pruner"):
+        PruneSettings(pruner="obs").validate()
+    with pytest.raises(ValueError, match="dense"):
+        PruneSettings(pruner="none", rotation="none").validate()
