@@ -1,0 +1,154 @@
+"""Zero-shot accuracy with lm-eval (0-shot), on the hub tasks or on local substitute fixtures.
+
+The paper reports acc_norm for PIQA, HellaSwag, ARC-e and ARC-c, acc for WinoGrande, and the
+unweighted mean of the five. With ``task_dir`` (made by ``denoiserotator.assets
+build_zeroshot_fixtures``) the tasks ``local_<task>`` are run instead: lm-eval's own prompts and
+metrics over local items built from held-out text. Those numbers are substitutes, labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from denoiserotator.assets import LOCAL_TASK_PREFIX
+
+TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+METRICS: dict[str, str] = {
+    "piqa": "acc_norm",
+    "winogrande": "acc",
+    "hellaswag": "acc_norm",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+}
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, str):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def zeroshot(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str] | tuple[str, ...] = TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    task_dir: Path | None = None,
+    device: str = "cpu",
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval 0-shot on ``tasks`` and return the paper's metric per task and their mean.
+
+    ``log_samples=True`` adds lm-eval's per-item records under ``"samples"`` (for checks).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    unknown = [t for t in tasks if t not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
+    if task_dir is not None:
+        task_dir = Path(task_dir).resolve()
+        names = {t: LOCAL_TASK_PREFIX + t for t in tasks}
+        missing = [n for n in names.values() if not (task_dir / f"{n}.yaml").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{task_dir} lacks {missing}; build it with denoiserotator.assets")
+        manager = TaskManager(include_path=str(task_dir))
+    else:
+        names = {t: t for t in tasks}
+        manager = TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[names[t] for t in tasks],
+        num_fewshot=0,
+        limit=limit,
+        batch_size=batch_size,
+        task_manager=manager,
+        log_samples=log_samples,
+        bootstrap_iters=1000,
+    )
+    if output is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm-eval returned no results")
+    results: dict[str, Any] = {"tasks": {}}
+    for task in tasks:
+        name, metric = names[task], METRICS[task]
+        row = output["results"][name]
+        n_samples = output.get("n-samples", {}).get(name, {})
+        results["tasks"][task] = {
+            "lm_eval_task": name,
+            "metric": metric,
+            "value": float(row[f"{metric},none"]),
+            "stderr": _finite(row.get(f"{metric}_stderr,none")),
+            "version": output["versions"].get(name),
+            "n": n_samples.get("effective"),
+        }
+    values = [results["tasks"][t]["value"] for t in tasks]
+    results.update(
+        zeroshot_avg=float(sum(values) / len(values)),
+        lm_eval_version=lm_eval.__version__ if hasattr(lm_eval, "__version__") else _package_version(),
+        num_fewshot=0,
+        limit=limit,
+        batch_size=batch_size,
+        task_source="local fixtures (substitute items)" if task_dir is not None else "hub",
+        task_dir=str(task_dir) if task_dir is not None else None,
+    )
+    if log_samples:
+        results["samples"] = {task: output["samples"][names[task]] for task in tasks}
+    return results
+
+
+def _package_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Zero-shot accuracy with lm-eval (0-shot).")
+    parser.add_argument("--model", type=Path, required=True, help="model folder (HF format)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, default: all five")
+    parser.add_argument("--task-dir", type=Path, default=None,
+                        help="local fixtures from `python -m denoiserotator.assets zeroshot-fixtures` "
+                             "(default: the hub tasks)")
+    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    args = parser.parse_args(argv)
+    from denoiserotator.export import load_model
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model, device=args.device)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = zeroshot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                      task_dir=args.task_dir, device=args.device)
+    result["model"] = str(args.model)
+    _write_json(args.out, result)
+    print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
+                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
