@@ -1,16 +1,226 @@
-"""Saving and loading model folders. (Minimal loader; the export work extends this module.)"""
+"""Saving and loading model folders (the one place that writes and reads them).
+
+A saved folder is a regular Hugging Face model folder (safetensors, config, tokenizer) plus
+`denoiserotator.json` (metadata). When the model carries merged boundary rotations
+(SPEC §2, last bullet), the folder also holds `modeling_denoiserotator.py` and its config
+names the Rotated* class in `architectures` and `auto_map`, so stock tools load it with
+`trust_remote_code=True`; without rotations it is a plain folder any tool loads.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import modeling_denoiserotator as modeling
+from .adapters import LINEAR_NAMES, get_adapter
+from .modeling_denoiserotator import attach_boundary_rotations, get_boundary_rotations
+
+METADATA_FILE = "denoiserotator.json"
+MODELING_FILE = "modeling_denoiserotator.py"
+FORMAT_VERSION = 1
+
+__all__ = [
+    "METADATA_FILE",
+    "attach_boundary_rotations",
+    "get_boundary_rotations",
+    "load_model",
+    "measured_sparsity",
+    "read_metadata",
+    "save_model",
+    "unwrap_model",
+]
+
+
+class LoadingError(RuntimeError):
+    """A folder's weights do not match the model they are loaded into."""
+
+
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _base_weight(linear: nn.Module) -> torch.Tensor:
+    # peft replaces a Linear by a wrapper whose frozen original sits in `base_layer`.
+    return getattr(linear, "base_layer", linear).weight
+
+
+def measured_sparsity(model: nn.Module) -> dict[str, Any]:
+    """Fraction of exact zeros in the seven decoder linears, overall and per linear kind.
+
+    For a peft-wrapped model the base weights are read (unmerged adapters do not count).
+    """
+    adapter = get_adapter(unwrap_model(model))
+    zeros = dict.fromkeys(LINEAR_NAMES, 0)
+    totals = dict.fromkeys(LINEAR_NAMES, 0)
+    for index in range(adapter.num_layers):
+        layer = adapter.layer(index)
+        for name in LINEAR_NAMES:
+            weight = _base_weight(layer.linear(name)).detach()
+            zeros[name] += int((weight == 0).sum())
+            totals[name] += weight.numel()
+    return {
+        "overall": sum(zeros.values()) / sum(totals.values()),
+        "per_linear": {name: zeros[name] / totals[name] for name in LINEAR_NAMES},
+        "zeros": sum(zeros.values()),
+        "total": sum(totals.values()),
+    }
+
+
+def _untie_config_if_untied(model: PreTrainedModel) -> None:
+    """A config that still says 'tied' would make transformers re-tie lm_head on load."""
+    if getattr(model.config, "tie_word_embeddings", False) and not get_adapter(model).tied_embeddings:
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys = {}
+
+
+def _patch_config(folder: Path, model: PreTrainedModel, boundary_layers: list[int]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if boundary_layers:
+        name = modeling.rotated_class_for(model).__name__
+        config["architectures"] = [name]
+        config["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{name}"}
+        config[modeling.CONFIG_KEY] = boundary_layers
+    else:
+        config["architectures"] = [modeling.plain_class(model).__name__]
+        config.pop("auto_map", None)
+        config.pop(modeling.CONFIG_KEY, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    folder: str | Path,
+    boundary: list[torch.Tensor | None] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write `model` (and tokenizer) as a loadable folder, atomically.
+
+    boundary: merged boundary rotations to attach before saving (attached to `model` in place,
+    replacing any it carries); None keeps whatever the model already carries. A peft-wrapped
+    model is refused: merge the adapters first (finetune.lora_finetune does).
+    """
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        raise TypeError("save_model got a peft-wrapped model; merge the adapters first")
+    folder = Path(folder)
+    if boundary is not None:
+        attach_boundary_rotations(model, boundary)
+    boundary_layers = [i for i, m in enumerate(get_boundary_rotations(model)) if m is not None]
+    _untie_config_if_untied(model)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _quiet_progress()
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _patch_config(tmp, model, boundary_layers)
+        if boundary_layers:
+            shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
+        record = dict(metadata or {})
+        record["export"] = {
+            "format_version": FORMAT_VERSION,
+            "boundary_layers": boundary_layers,
+            "tied_embeddings": get_adapter(model).tied_embeddings,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "measured_sparsity": measured_sparsity(model),
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / METADATA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _checkpoint_keys(folder: Path) -> set[str] | None:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as handle:
+            return set(handle.keys())
+    return None  # e.g. a .bin checkpoint: rely on transformers' loading info alone
+
+
+def _check_strict(model: PreTrainedModel, info: dict[str, Any], folder: Path) -> None:
+    problems = {
+        key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    problems["error_msgs"] = list(info.get("error_msgs") or [])
+    file_keys = _checkpoint_keys(folder)
+    if file_keys is not None:
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        expected = set(model.state_dict()) - tied
+        problems["missing_keys"] = sorted(set(problems["missing_keys"]) | (expected - file_keys))
+        problems["unexpected_keys"] = sorted(
+            set(problems["unexpected_keys"]) | (file_keys - set(model.state_dict()))
+        )
+    bad = {key: value for key, value in problems.items() if value}
+    if bad:
+        raise LoadingError(f"loading {folder} is not exact: {bad}")
+
+
+def _quiet_progress() -> None:
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def load_model(
     folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=True)
+    """Load a folder strictly: any missing, unexpected or mis-shaped tensor raises LoadingError.
+
+    Rotated folders are loaded with this package's classes (same code as the folder's copy of
+    modeling_denoiserotator.py, without going through the remote-code module cache).
+    """
+    folder = Path(folder)
+    _quiet_progress()
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    if config.get(modeling.CONFIG_KEY):
+        name = (config.get("architectures") or [""])[0]
+        model_class = getattr(modeling, name, None)
+        if model_class is None or not getattr(model_class, "_denoiserotator_rotated", False):
+            raise LoadingError(f"{folder}: boundary rotations recorded but unknown architecture {name!r}")
+        model, info = model_class.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, output_loading_info=True, trust_remote_code=True
+        )
+    _check_strict(model, info, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,182 @@
+"""Hugging Face model classes for DenoiseRotator models with merged boundary rotations.
+
+After DenoiseRotator every decoder layer i runs in its own orthogonal basis. With the
+adjacent exit/entry rotations merged (SPEC §2), the hidden state entering layer i must be
+multiplied on the right by one d×d matrix M_i = Q_{i-1}ᵀ Q_i. This file adds exactly that,
+and nothing else, to the stock Llama / Qwen2 / Mistral classes: a small submodule holding
+M_i (a parameter, so it is saved and loaded with the state dict) and a forward pre-hook on
+the decoder layer that applies it. No Hugging Face forward code is copied, so the classes
+follow whatever transformers version runs them.
+
+This file is self-contained (torch and transformers only): it is copied verbatim into every
+exported model folder, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+(and therefore lm-eval, or any HF-based tool) loads the model without the denoiserotator package.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+
+# Name of the submodule on a decoder layer and of the config key listing the layers that carry one.
+BOUNDARY_ATTR = "denoiserotator_boundary"
+CONFIG_KEY = "denoiserotator_boundary_layers"
+_HANDLE_ATTR = "_denoiserotator_boundary_hook"
+
+
+class BoundaryRotation(nn.Module):
+    """Right-multiplies the hidden state by a fixed d×d matrix (identity until loaded or set)."""
+
+    def __init__(
+        self, hidden_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ):
+        super().__init__()
+        # A frozen parameter rather than a buffer: parameters are what HF checkpoints always
+        # save and what strict loading reports when missing.
+        self.weight = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states @ self.weight.to(hidden_states.dtype)
+
+
+def _boundary_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    rotation = getattr(module, BOUNDARY_ATTR)
+    if args:
+        return (rotation(args[0]), *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = rotation(kwargs["hidden_states"])
+    return args, kwargs
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule("model.layers")
+
+
+def _remove_boundary(layer: nn.Module) -> None:
+    handle = getattr(layer, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(layer, _HANDLE_ATTR)
+    if hasattr(layer, BOUNDARY_ATTR):
+        delattr(layer, BOUNDARY_ATTR)
+
+
+def _add_boundary(layer: nn.Module, hidden_size: int, like: torch.Tensor) -> BoundaryRotation:
+    rotation = BoundaryRotation(hidden_size, dtype=like.dtype, device=like.device)
+    layer.add_module(BOUNDARY_ATTR, rotation)
+    # prepend=True: the rotation must act before any other pre-hook (e.g. Gram collectors)
+    # sees the layer's input, so those see exactly what the layer computes with.
+    setattr(
+        layer,
+        _HANDLE_ATTR,
+        layer.register_forward_pre_hook(_boundary_pre_hook, with_kwargs=True, prepend=True),
+    )
+    return rotation
+
+
+def _set_boundary_layers(model: nn.Module, boundary: dict[int, torch.Tensor | None]) -> None:
+    """Give exactly the layers in `boundary` a rotation (None = identity placeholder); drop the others."""
+    layers = _decoder_layers(model)
+    hidden_size = int(model.config.hidden_size)
+    like = model.get_input_embeddings().weight
+    for index, layer in enumerate(layers):
+        _remove_boundary(layer)
+        if index not in boundary:
+            continue
+        rotation = _add_boundary(layer, hidden_size, like)
+        matrix = boundary[index]
+        if matrix is not None:
+            if tuple(matrix.shape) != (hidden_size, hidden_size):
+                raise ValueError(
+                    f"boundary[{index}] has shape {tuple(matrix.shape)}, expected {hidden_size}²"
+                )
+            with torch.no_grad():
+                rotation.weight.copy_(matrix.to(device=rotation.weight.device, dtype=rotation.weight.dtype))
+    setattr(model.config, CONFIG_KEY, sorted(boundary))
+
+
+class DenoiseRotatorBoundaryMixin:
+    """Adds the boundary rotations listed in `config.denoiserotator_boundary_layers`."""
+
+    _denoiserotator_rotated = True
+
+    def _denoiserotator_init(self) -> None:
+        indices = [int(i) for i in (getattr(self.config, CONFIG_KEY, None) or [])]
+        num_layers = len(_decoder_layers(self))
+        bad = [i for i in indices if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"{CONFIG_KEY} lists layers {bad} but the model has {num_layers} layers")
+        _set_boundary_layers(self, {i: None for i in indices})
+
+
+class RotatedLlamaForCausalLM(DenoiseRotatorBoundaryMixin, LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
+class RotatedQwen2ForCausalLM(DenoiseRotatorBoundaryMixin, Qwen2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
+class RotatedMistralForCausalLM(DenoiseRotatorBoundaryMixin, MistralForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
+ROTATED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
+    LlamaForCausalLM: RotatedLlamaForCausalLM,
+    Qwen2ForCausalLM: RotatedQwen2ForCausalLM,
+    MistralForCausalLM: RotatedMistralForCausalLM,
+}
+
+
+def is_rotated(model: nn.Module) -> bool:
+    # Duck-typed: a class loaded through trust_remote_code comes from a copy of this file,
+    # so it is a different class object than the ones above.
+    return bool(getattr(type(model), "_denoiserotator_rotated", False))
+
+
+def plain_class(model: nn.Module) -> type[PreTrainedModel]:
+    """The stock transformers class a (possibly rotated) model derives from."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.models.") and issubclass(cls, PreTrainedModel):
+            return cls
+    raise TypeError(f"{type(model).__name__} does not derive from a transformers model class")
+
+
+def rotated_class_for(model: nn.Module) -> type[PreTrainedModel]:
+    base = plain_class(model)
+    for plain, rotated in ROTATED_CLASSES.items():
+        if base is plain:
+            return rotated
+    supported = ", ".join(cls.__name__ for cls in ROTATED_CLASSES)
+    raise TypeError(f"no rotated class for {base.__name__}; supported: {supported}")
+
+
+def attach_boundary_rotations(model: PreTrainedModel, boundary: list[torch.Tensor | None]) -> PreTrainedModel:
+    """Turn `model` (in place) into its Rotated* class carrying `boundary` and return it.
+
+    boundary[i] is the matrix M_i with which the hidden state entering decoder layer i is
+    right-multiplied (`h @ M_i`); None means identity and adds no module. Calling it again
+    replaces the previous rotations.
+    """
+    layers = _decoder_layers(model)
+    if len(boundary) != len(layers):
+        raise ValueError(f"boundary has {len(boundary)} entries but the model has {len(layers)} layers")
+    if not is_rotated(model):
+        model.__class__ = rotated_class_for(model)
+    _set_boundary_layers(model, {i: m for i, m in enumerate(boundary) if m is not None})
+    return model
+
+
+def get_boundary_rotations(model: nn.Module) -> list[torch.Tensor | None]:
+    """The matrices a model applies at its layer boundaries (None where it applies none)."""
+    return [
+        getattr(layer, BOUNDARY_ATTR).weight.detach().clone() if hasattr(layer, BOUNDARY_ATTR) else None
+        for layer in _decoder_layers(model)
+    ]

@@ -1,0 +1,353 @@
+"""Saving and loading rotated and pruned models: exact round trips, strictness, stock-tool loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from denoiserotator.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.export import (
+    METADATA_FILE,
+    LoadingError,
+    load_model,
+    measured_sparsity,
+    read_metadata,
+    save_model,
+)
+from denoiserotator.modeling_denoiserotator import (
+    BOUNDARY_ATTR,
+    attach_boundary_rotations,
+    get_boundary_rotations,
+)
+from denoiserotator.rotation.fuse import fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
+from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
+
+
+def random_orthogonal(size: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(
+        torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+    return q * torch.sign(torch.diagonal(r))
+
+
+def token_ids(seed: int = 3, batch: int = 2, length: int = 20) -> torch.Tensor:
+    return torch.randint(3, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rotated_equivalent(family: str, tie: bool = False) -> tuple[torch.nn.Module, list, torch.Tensor]:
+    """A model with random per-layer rotations fused and merged into boundaries, its boundary list,
+    and the logits of the original model (which the rotated one must reproduce)."""
+    model = tiny_model(family, num_layers=3, tie=tie)
+    ids = token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    adapter = get_adapter(model)
+    rotations = []
+    for index in range(adapter.num_layers):
+        view = adapter.layer(index)
+        fold_layer_norms(view)
+        rotation = random_orthogonal(adapter.hidden_size, seed=10 + index)
+        fuse_layer_rotation(view, rotation, None, adapter.num_heads)
+        rotations.append(rotation)
+    boundary = merge_boundary_rotations(adapter, rotations)
+    return model, boundary, expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attached_boundaries_reproduce_the_unrotated_model(family: str) -> None:
+    model, boundary, expected = rotated_equivalent(family)
+    with torch.no_grad():
+        without = model(token_ids()).logits
+        attach_boundary_rotations(model, boundary)
+        actual = model(token_ids()).logits
+    assert type(model).__name__.startswith("Rotated")
+    assert (without - expected).abs().max() > 1e-2  # the boundaries are needed ...
+    assert (actual - expected).abs().max() <= 1e-4  # ... and applied exactly where they belong
+
+
+def test_identity_boundaries_change_nothing_and_a_rotation_does() -> None:
+    model = tiny_model("llama", num_layers=2)
+    ids = token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        attach_boundary_rotations(model, [torch.eye(64), torch.eye(64)])
+        assert torch.equal(model(ids).logits, expected)
+        attach_boundary_rotations(model, [None, random_orthogonal(64, 0)])
+        assert (model(ids).logits - expected).abs().max() > 1e-2
+        # Replacing again drops the old modules and their hooks.
+        attach_boundary_rotations(model, [None, None])
+        assert torch.equal(model(ids).logits, expected)
+    assert not any(BOUNDARY_ATTR in key for key in model.state_dict())
+
+
+def test_hook_handles_hidden_states_passed_by_keyword() -> None:
+    model = tiny_model("llama", num_layers=1)
+    matrix = random_orthogonal(64, 1).float()
+    layer = get_adapter(model).layers[0]
+    h = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(5)[None]
+    embeddings = model.model.rotary_emb(h, positions)
+    with torch.no_grad():
+        expected = layer(h @ matrix, position_embeddings=embeddings, position_ids=positions)
+        attach_boundary_rotations(model, [matrix])
+        positional = layer(h, position_embeddings=embeddings, position_ids=positions)
+        keyword = layer(hidden_states=h, position_embeddings=embeddings, position_ids=positions)
+    expected, positional, keyword = (
+        x[0] if isinstance(x, tuple) else x for x in (expected, positional, keyword)
+    )
+    assert torch.equal(positional, expected)
+    assert torch.equal(keyword, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip_is_exact_via_our_api_and_stock_transformers(
+    family: str, tmp_path: Path
+) -> None:
+    model, boundary, expected = rotated_equivalent(family)
+    ids = token_ids()
+    folder = tmp_path / f"rotated-{family}"
+    save_model(model, tiny_tokenizer(), folder, boundary=boundary, metadata={"pruner": "none"})
+    with torch.no_grad():
+        in_memory = model(ids).logits
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"][0].startswith("Rotated")
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_denoiserotator.Rotated")
+    assert config["denoiserotator_boundary_layers"] == [1, 2]
+    assert config["tie_word_embeddings"] is False
+    assert (folder / "modeling_denoiserotator.py").exists()
+    assert read_metadata(folder)["pruner"] == "none"
+    assert read_metadata(folder)["export"]["boundary_layers"] == [1, 2]
+
+    ours, tokenizer = load_model(folder)
+    stock = AutoModelForCausalLM.from_pretrained(
+        str(folder), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    assert type(stock).__module__.startswith("transformers_modules")  # the folder's own copy of the code
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, in_memory)
+        assert torch.equal(stock(ids).logits, in_memory)
+    assert (in_memory - expected).abs().max() <= 1e-4
+    for loaded, original in zip(get_boundary_rotations(ours), boundary, strict=True):
+        assert (loaded is None) == (original is None)
+        if original is not None:
+            assert torch.equal(loaded, original.float())
+    assert tokenizer("it was the best").input_ids == tiny_tokenizer()("it was the best").input_ids
+
+
+def test_plain_model_saves_a_plain_folder(tmp_path: Path) -> None:
+    model = tiny_model("qwen2", num_layers=2)
+    save_model(model, tiny_tokenizer(), tmp_path / "plain", boundary=[None, None])
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    assert "auto_map" not in config and "denoiserotator_boundary_layers" not in config
+    assert not (tmp_path / "plain" / "modeling_denoiserotator.py").exists()
+    loaded, _ = load_model(tmp_path / "plain")
+    assert type(loaded).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids()).logits, model(token_ids()).logits)
+
+
+def test_untied_embeddings_stay_untied(tmp_path: Path) -> None:
+    model, boundary, expected = rotated_equivalent("llama", tie=True)  # merging unties lm_head
+    model.config.tie_word_embeddings = True  # a caller that forgot to update the config
+    save_model(model, tiny_tokenizer(), tmp_path / "m", boundary=boundary)
+    loaded, _ = load_model(tmp_path / "m")
+    adapter = get_adapter(loaded)
+    assert not adapter.tied_embeddings
+    assert not torch.equal(adapter.lm_head.weight, adapter.embedding.weight)
+    with torch.no_grad():
+        assert (loaded(token_ids()).logits - expected).abs().max() <= 1e-4
+
+
+def test_tied_model_round_trips(tmp_path: Path) -> None:
+    model = tiny_model("llama", num_layers=2, tie=True)
+    save_model(model, tiny_tokenizer(), tmp_path / "tied")
+    loaded, _ = load_model(tmp_path / "tied")
+    assert get_adapter(loaded).tied_embeddings
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids()).logits, model(token_ids()).logits)
+
+
+@pytest.mark.parametrize(
+    "dropped", ["model.layers.1.denoiserotator_boundary.weight", "model.layers.0.mlp.up_proj.weight"]
+)
+def test_loading_a_folder_with_a_missing_tensor_fails_loudly(dropped: str, tmp_path: Path) -> None:
+    model, boundary, _ = rotated_equivalent("llama")
+    folder = tmp_path / "m"
+    save_model(model, tiny_tokenizer(), folder, boundary=boundary)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors[dropped]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadingError, match=dropped.replace(".", r"\.")):
+        load_model(folder)
+
+
+def test_loading_a_folder_with_an_extra_tensor_fails_loudly(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    save_model(tiny_model("llama", num_layers=2), tiny_tokenizer(), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadingError, match="extra"):
+        load_model(folder)
+
+
+def test_save_overwrites_atomically_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    save_model(
+        tiny_model("llama", seed=1, num_layers=2), tiny_tokenizer(), folder, boundary=[None, torch.eye(64)]
+    )
+    second = tiny_model("llama", seed=2, num_layers=2)
+    save_model(second, tiny_tokenizer(), folder, boundary=[None, None])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert not (folder / "modeling_denoiserotator.py").exists()  # nothing stale from the first save
+    loaded, _ = load_model(folder)
+    assert torch.equal(
+        get_adapter(loaded).layer(0).linear("q").weight, get_adapter(second).layer(0).linear("q").weight
+    )
+
+
+def test_measured_sparsity_counts_exact_zeros_and_reads_through_peft() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("mistral", num_layers=2)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        adapter.layer(0).linear("q").weight[:, :16] = 0  # 16/64 of one of the two q matrices
+        adapter.layer(1).linear("down").weight.zero_()
+    result = measured_sparsity(model)
+    assert result["per_linear"]["q"] == pytest.approx(16 / 64 / 2)
+    assert result["per_linear"]["down"] == pytest.approx(0.5)
+    assert result["per_linear"]["k"] == 0.0
+    sizes = {name: adapter.layer(0).linear(name).weight.numel() for name in LINEAR_NAMES}
+    zeros = 64 * 16 + sizes["down"]
+    assert result["overall"] == pytest.approx(zeros / (2 * sum(sizes.values())))
+
+    wrapped = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    assert measured_sparsity(wrapped) == result
+
+
+TASK_YAML = """\
+include: {arc_yaml}
+task: tiny_local_arc
+tag: []
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    train: {data}
+    validation: {data}
+    test: {data}
+"""
+
+
+def test_lm_eval_command_line_evaluates_a_rotated_folder(tmp_path: Path) -> None:
+    import lm_eval.tasks
+
+    original = tiny_model("llama", num_layers=3)
+    model, boundary, _ = rotated_equivalent("llama")
+    folder = tmp_path / "rotated"
+    save_model(model, tiny_tokenizer(), folder, boundary=boundary)
+
+    data = tmp_path / "arc.jsonl"
+    questions = [
+        "Which is the season of Light?",
+        "Who said call me Ishmael?",
+        "What was the age of wisdom?",
+        "Which body lays taxes?",
+        "What is in my purse?",
+    ]
+    with data.open("w") as handle:
+        for index, question in enumerate(questions):
+            choices = {
+                "text": ["it was", "the Congress", "the world", "no money"],
+                "label": ["A", "B", "C", "D"],
+            }
+            handle.write(
+                json.dumps(
+                    {
+                        "id": str(index),
+                        "question": question,
+                        "choices": choices,
+                        "answerKey": "ABCD"[index % 4],
+                    }
+                )
+                + "\n"
+            )
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    arc_yaml = Path(lm_eval.tasks.__file__).parent / "arc" / "arc_easy.yaml"
+    (tasks / "tiny_local_arc.yaml").write_text(TASK_YAML.format(arc_yaml=arc_yaml, data=data))
+
+    out = tmp_path / "results"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+    }
+    lm_eval_cli = Path(sys.executable).parent / "lm_eval"
+    command = [
+        str(lm_eval_cli),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        "tiny_local_arc",
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "5",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results_files = list(out.rglob("results*.json"))
+    assert len(results_files) == 1
+    metrics = json.loads(results_files[0].read_text())["results"]["tiny_local_arc"]
+    assert 0.0 <= metrics["acc,none"] <= 1.0 and 0.0 <= metrics["acc_norm,none"] <= 1.0
+    assert json.loads(results_files[0].read_text())["n-samples"]["tiny_local_arc"]["effective"] == 5
+
+    # lm-eval must have run the rotated model with its boundaries: its log-likelihoods equal
+    # those of the original, unrotated model (to fp32 rounding).
+    tokenizer = tiny_tokenizer()
+    samples = [
+        json.loads(line) for path in out.rglob("samples_tiny_local_arc*.jsonl") for line in path.open()
+    ]
+    assert len(samples) == 5
+    for sample in samples:
+        for arguments, response in zip(sample["arguments"].values(), sample["filtered_resps"], strict=True):
+            context, continuation = arguments["arg_0"], arguments["arg_1"]
+            whole = tokenizer(context + continuation).input_ids
+            n_context = len(tokenizer(context).input_ids)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(original(torch.tensor([whole])).logits[0].double(), dim=-1)
+            expected = sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole)))
+            assert float(response[0]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_metadata_file_is_written(tmp_path: Path) -> None:
+    model = tiny_model("llama", num_layers=2)
+    save_model(model, None, tmp_path / "m", metadata={"sparsity": "50%"})
+    record = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
+    assert record["sparsity"] == "50%"
+    assert record["export"]["measured_sparsity"]["overall"] == 0.0
