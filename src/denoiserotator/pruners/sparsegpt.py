@@ -104,6 +104,7 @@ def sparsegpt_prune(
     W = weight.detach().to(work_dtype, copy=True)
     W[:, dead] = 0  # an input that is always zero carries no information; OBS would otherwise divide by ~0
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    zero = torch.zeros((), dtype=work_dtype, device=weight.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -123,9 +124,9 @@ def sparsegpt_prune(
                 group = slice(i, i + m)
                 keep1[:, group] = nm_keep_mask(W1[:, group].square() / d1[group].square().unsqueeze(0), n, m)
             w = W1[:, i]
-            q = torch.where(keep1[:, i], w, torch.zeros_like(w))
+            q = torch.where(keep1[:, i], w, zero)
             err = (w - q) / H1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, H1[i, i:], alpha=-1)  # rank-1 update in place, no (rows, cols) temporary
             Q1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = Q1
