@@ -1,0 +1,1 @@
+"""Evaluation: perplexity over fixed windows and lm-eval zero-shot accuracy."""
