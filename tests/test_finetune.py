@@ -1,0 +1,158 @@
+"""LoRA fine-tuning keeps the exact pruning mask and the boundary rotations, and learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from denoiserotator.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.data import save_calibration
+from denoiserotator.export import load_model, measured_sparsity, read_metadata, save_model
+from denoiserotator.finetune import LoraSettings, lora_finetune, main, training_ids
+from denoiserotator.modeling_denoiserotator import attach_boundary_rotations, get_boundary_rotations
+from denoiserotator.testing import tiny_model, tiny_tokenizer
+
+
+def pruned_rotated_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny model with a random boundary rotation and half of every decoder linear zeroed."""
+    model = tiny_model(family, seed=seed, num_layers=2)
+    generator = torch.Generator().manual_seed(seed + 7)
+    rotation = torch.linalg.qr(torch.randn(64, 64, generator=generator)).Q
+    attach_boundary_rotations(model, [None, rotation])
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        for index in range(adapter.num_layers):
+            for name in LINEAR_NAMES:
+                weight = adapter.layer(index).linear(name).weight
+                keep = torch.rand(weight.shape, generator=generator) >= 0.5
+                weight.mul_(keep)
+    return model
+
+
+def zero_masks(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    adapter = get_adapter(model)
+    return {
+        (i, name): adapter.layer(i).linear(name).weight.detach() == 0
+        for i in range(adapter.num_layers)
+        for name in LINEAR_NAMES
+    }
+
+
+def train_batch(n: int = 4, length: int = 24, seed: int = 5) -> torch.Tensor:
+    return torch.randint(3, 384, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_on(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_keeps_the_exact_mask_and_boundaries_and_lowers_the_loss(family: str) -> None:
+    model = pruned_rotated_model(family)
+    ids = train_batch()
+    masks_before = zero_masks(model)
+    weights_before = {
+        key: get_adapter(model).layer(key[0]).linear(key[1]).weight.detach().clone() for key in masks_before
+    }
+    boundary_before = get_boundary_rotations(model)
+    loss_before = loss_on(model, ids)
+
+    settings = LoraSettings(
+        steps=25, batch_size=4, micro_batch_size=2, seqlen=24, warmup_steps=3, lr=1e-2, dropout=0.0, seed=0
+    )
+    merged, stats = lora_finetune(model, ids, settings, progress=False)
+
+    assert not hasattr(merged, "peft_config")
+    assert type(merged).__name__.startswith("Rotated")
+    masks_after = zero_masks(merged)
+    changed = 0
+    for key, mask in masks_before.items():
+        assert torch.equal(masks_after[key], mask), key
+        changed += int((get_adapter(merged).layer(key[0]).linear(key[1]).weight != weights_before[key]).sum())
+    assert changed > 0  # the adapters were really merged into the kept weights
+    assert stats["masked_entries_revived_by_merge"] > 0  # ... and merging alone would have lost the mask
+    for before, after in zip(boundary_before, get_boundary_rotations(merged), strict=True):
+        assert (before is None and after is None) or torch.equal(before, after)
+
+    loss_after = loss_on(merged, ids)
+    assert loss_after < loss_before - 0.1
+    assert stats["probe_loss_before"] == pytest.approx(loss_before, rel=1e-5)
+    assert stats["probe_loss_after"] == pytest.approx(loss_after, rel=1e-5)
+    assert stats["train_loss"]["mean_last_10pct"] < stats["train_loss"]["mean_first_10pct"]
+    assert len(stats["train_loss"]["curve"]) == 25
+    assert stats["sparsity_before"] == stats["sparsity_after"] == measured_sparsity(merged)
+    assert 0.45 < stats["sparsity_after"]["overall"] < 0.55
+    # r * (in + out) per adapted linear, seven linears, two layers
+    dims = {
+        "q": (64, 64),
+        "k": (64, 32),
+        "v": (64, 32),
+        "o": (64, 64),
+        "gate": (64, 96),
+        "up": (64, 96),
+        "down": (96, 64),
+    }
+    assert stats["trainable_parameters"] == 2 * sum(8 * (i + o) for i, o in dims.values())
+
+
+def test_training_ids_from_token_file_and_text(tmp_path: Path) -> None:
+    ids = train_batch(n=6, length=30)
+    save_calibration(tmp_path / "ids.pt", ids, {"source": "test"})
+    loaded, meta = training_ids(str(tmp_path / "ids.pt"), tiny_tokenizer(), n_sequences=4, seqlen=20, seed=0)
+    assert torch.equal(loaded, ids[:4, :20])
+    torch.save(ids, tmp_path / "bare.pt")
+    assert torch.equal(training_ids(str(tmp_path / "bare.pt"), tiny_tokenizer(), 10, 30, 0)[0], ids)
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"text": f"It was the best of times, number {i}."}) + "\n" for i in range(40))
+    )
+    first, _ = training_ids(f"json:{jsonl}", tiny_tokenizer(), n_sequences=3, seqlen=16, seed=1)
+    second, _ = training_ids(f"json:{jsonl}", tiny_tokenizer(), n_sequences=3, seqlen=16, seed=1)
+    assert first.shape == (3, 16) and torch.equal(first, second)
+
+
+def test_cli_writes_a_masked_loadable_model_and_stats(tmp_path: Path) -> None:
+    model = pruned_rotated_model()
+    source = tmp_path / "pruned"
+    save_model(model, tiny_tokenizer(), source, metadata={"pruner": "wanda", "sparsity": "50%"})
+    ids_file = tmp_path / "train.pt"
+    save_calibration(ids_file, train_batch(n=4, length=24), {"source": "test"})
+    out, stats_file = tmp_path / "tuned", tmp_path / "stats.json"
+    main(
+        [
+            "--model",
+            str(source),
+            "--train",
+            str(ids_file),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seqlen",
+            "24",
+            "--warmup-steps",
+            "1",
+            "--out",
+            str(out),
+            "--stats",
+            str(stats_file),
+        ]
+    )
+
+    tuned, _ = load_model(out)
+    original, _ = load_model(source)
+    for key, mask in zero_masks(original).items():
+        assert torch.equal(zero_masks(tuned)[key], mask)
+    assert torch.equal(get_boundary_rotations(tuned)[1], get_boundary_rotations(original)[1])
+    stats = json.loads(stats_file.read_text())
+    assert stats["sparsity_after"]["zeros"] == stats["sparsity_before"]["zeros"]
+    assert stats["settings"]["steps"] == 4 and stats["train"]["shape"] == [4, 24]
+    metadata = read_metadata(out)
+    assert metadata["pruner"] == "wanda" and metadata["finetune"]["settings"]["r"] == 8
+    assert metadata["export"]["measured_sparsity"]["zeros"] == stats["sparsity_before"]["zeros"]
