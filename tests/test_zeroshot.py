@@ -98,3 +98,15 @@ def test_unknown_task_and_missing_fixture(tmp_path: Path) -> None:
         zeroshot(tiny_model("llama"), tiny_tokenizer(), ["boolq"], limit=1, batch_size=1, task_dir=tmp_path)
     with pytest.raises(FileNotFoundError):
         zeroshot(tiny_model("llama"), tiny_tokenizer(), ["piqa"], limit=1, batch_size=1, task_dir=tmp_path)
+
+
+def test_stale_fixture_paths_fail_clearly(tmp_path: Path, task_dir: Path) -> None:
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(task_dir, moved)
+    (moved / "data" / "piqa.jsonl").unlink()
+    text = (moved / "local_piqa.yaml").read_text().replace(str(task_dir), str(moved))
+    (moved / "local_piqa.yaml").write_text(text)
+    with pytest.raises(FileNotFoundError, match="rebuild"):
+        zeroshot(tiny_model("llama"), tiny_tokenizer(), ["piqa"], limit=1, batch_size=1, task_dir=moved)

@@ -66,6 +66,7 @@ def zeroshot(
         missing = [n for n in names.values() if not (task_dir / f"{n}.yaml").is_file()]
         if missing:
             raise FileNotFoundError(f"{task_dir} lacks {missing}; build it with denoiserotator.assets")
+        _check_includes(task_dir, list(names.values()))
         manager = TaskManager(include_path=str(task_dir))
     else:
         names = {t: t for t in tasks}
@@ -109,6 +110,19 @@ def zeroshot(
     if log_samples:
         results["samples"] = {task: output["samples"][names[task]] for task in tasks}
     return results
+
+
+def _check_includes(task_dir: Path, names: list[str]) -> None:
+    """The YAMLs name lm-eval's files and the data by absolute path: fail clearly if they moved."""
+    import yaml
+
+    for name in names:
+        config = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
+        paths = [config["include"], *config["dataset_kwargs"]["data_files"].values()]
+        stale = [p for p in paths if not Path(p).is_file()]
+        if stale:
+            raise FileNotFoundError(f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
+                                    "`python -m denoiserotator.assets zeroshot-fixtures` on this machine")
 
 
 def _package_version() -> str:
