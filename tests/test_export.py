@@ -351,3 +351,38 @@ def test_metadata_file_is_written(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
     assert record["sparsity"] == "50%"
     assert record["export"]["measured_sparsity"]["overall"] == 0.0
+
+
+def test_boundaries_stay_fp32_in_a_bfloat16_model(tmp_path: Path) -> None:
+    model, boundary, expected = rotated_equivalent("qwen2")
+    save_model(model, tiny_tokenizer(), tmp_path / "m", boundary=boundary)
+    for loaded in (
+        load_model(tmp_path / "m", dtype=torch.bfloat16)[0],
+        AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "m"), trust_remote_code=True, dtype=torch.bfloat16
+        ),
+    ):
+        assert get_adapter(loaded).layer(1).linear("q").weight.dtype == torch.bfloat16
+        assert all(m.dtype == torch.float32 for m in get_boundary_rotations(loaded) if m is not None)
+        assert torch.equal(get_boundary_rotations(loaded)[2], boundary[2].float())
+        with torch.no_grad():
+            logits = loaded(token_ids()).logits
+        assert logits.dtype == torch.bfloat16
+        assert (logits.float() - expected).abs().max() < 0.25
+    in_memory = tiny_model("llama", num_layers=2).to(torch.bfloat16)
+    attach_boundary_rotations(in_memory, [None, random_orthogonal(64, 0)])
+    assert get_boundary_rotations(in_memory)[1].dtype == torch.float32
+
+
+def test_cli_reports_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from denoiserotator.export import main
+
+    model = tiny_model("llama", num_layers=2)
+    with torch.no_grad():
+        get_adapter(model).layer(0).linear("up").weight.zero_()
+    save_model(model, tiny_tokenizer(), tmp_path / "m", boundary=[None, random_orthogonal(64, 0)])
+    main(["--model", str(tmp_path / "m"), "--json", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    assert report["class"] == "RotatedLlamaForCausalLM" and report["boundary_layers"] == [1]
+    assert report["measured_sparsity"]["per_linear"]["up"] == 0.5

@@ -9,6 +9,7 @@ names the Rotated* class in `architectures` and `auto_map`, so stock tools load 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -224,3 +225,29 @@ def load_model(
     _check_strict(model, info, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model.to(device).eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Load a model folder strictly and report its boundary rotations, sparsity and metadata."
+    )
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    model, _ = load_model(args.model)
+    report = {
+        "model": str(args.model),
+        "class": type(model).__name__,
+        "boundary_layers": [i for i, m in enumerate(get_boundary_rotations(model)) if m is not None],
+        "tied_embeddings": get_adapter(model).tied_embeddings,
+        "measured_sparsity": measured_sparsity(model),
+        "metadata": read_metadata(args.model),
+    }
+    text = json.dumps(report, indent=2, sort_keys=True, default=str)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,9 @@ class BoundaryRotation(nn.Module):
         self.weight = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states @ self.weight.to(hidden_states.dtype)
+        # In the matrix's precision (fp32 for bf16/fp16 models): an orthogonal matrix rounded to
+        # bf16 is visibly non-orthogonal, and the error would compound over the layers.
+        return (hidden_states.to(self.weight.dtype) @ self.weight).to(hidden_states.dtype)
 
 
 def _boundary_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -63,7 +65,8 @@ def _remove_boundary(layer: nn.Module) -> None:
 
 
 def _add_boundary(layer: nn.Module, hidden_size: int, like: torch.Tensor) -> BoundaryRotation:
-    rotation = BoundaryRotation(hidden_size, dtype=like.dtype, device=like.device)
+    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    rotation = BoundaryRotation(hidden_size, dtype=dtype, device=like.device)
     layer.add_module(BOUNDARY_ATTR, rotation)
     # prepend=True: the rotation must act before any other pre-hook (e.g. Gram collectors)
     # sees the layer's input, so those see exactly what the layer computes with.
@@ -100,6 +103,8 @@ class DenoiseRotatorBoundaryMixin:
     """Adds the boundary rotations listed in `config.denoiserotator_boundary_layers`."""
 
     _denoiserotator_rotated = True
+    # Loading with dtype=bfloat16/float16 keeps the boundary matrices in fp32 (see BoundaryRotation).
+    _keep_in_fp32_modules_strict = [BOUNDARY_ATTR]
 
     def _denoiserotator_init(self) -> None:
         indices = [int(i) for i in (getattr(self.config, CONFIG_KEY, None) or [])]
