@@ -186,3 +186,15 @@ def test_zero_steps_keep_identity() -> None:
     result = train_rotation(_problem("wanda"), RotationSettings(steps=0), progress=False)
     assert torch.equal(result.rotation, torch.eye(64))
     assert result.loss_best == result.loss_start
+
+
+def test_exact_zero_weights_do_not_poison_the_gradient() -> None:
+    """Quantised checkpoints (the demo's SmolLM2) have exact zeros: the loss must stay finite."""
+    problem = _problem("wanda")
+    for name in ("q", "gate", "down"):
+        weight = problem.weights[name]
+        weight[:, ::3] = 0.0
+    result = train_rotation(problem, RotationSettings(steps=10), progress=False)
+    assert all(torch.isfinite(torch.tensor(result.loss_trace)))
+    assert len(result.loss_trace) == 11
+    assert result.loss_best < result.loss_start

@@ -78,9 +78,12 @@ class InputStatistic:
 
 def group_entropy(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum over groups (slices along `dim`) of the Shannon entropy of the normalised scores."""
+    tiny = torch.finfo(scores.dtype).tiny
     totals = scores.sum(dim=dim, keepdim=True)
-    probabilities = scores / totals.clamp_min(torch.finfo(scores.dtype).tiny)
-    return -torch.special.xlogy(probabilities, probabilities).sum()
+    probabilities = scores / totals.clamp_min(tiny)
+    # Not xlogy: its gradient at p = 0 is -inf·0 = NaN, and real checkpoints (quantised ones
+    # especially) have exact zeros. With the clamp, 0·log(tiny) = 0 and the gradient is finite.
+    return -(probabilities * torch.log(probabilities.clamp_min(tiny))).sum()
 
 
 def linear_entropy(

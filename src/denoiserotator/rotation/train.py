@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -11,6 +13,8 @@ from tqdm.auto import tqdm
 
 from .fuse import block_diag, expand_kv_blocks
 from .loss import InputStatistic, LossVariant, ScoreName, linear_entropy
+
+log = logging.getLogger(__name__)
 
 # Which input statistic each linear's score uses.
 INPUT_OF: dict[str, str] = {
@@ -164,6 +168,9 @@ def train_rotation(
         loss = layer_loss(problem, rotation, blocks, settings.variant)
         value = float(loss.detach())
         trace.append(value)
+        if not math.isfinite(value):
+            log.warning("%s: non-finite loss at step %d; keeping the best iterate so far", description, step)
+            break
         if step == 0:
             loss_start = value
         if value < best_loss:
@@ -173,7 +180,10 @@ def train_rotation(
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
+        if not torch.isfinite(norm):
+            log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
+            break
         optimizer.step()
         bar.set_postfix(loss=f"{value:.2f}", best=f"{best_loss:.2f}")
 
