@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from denoiserotator.data import calibration_ids, perplexity_ids
-from denoiserotator.evaluate.perplexity import perplexity
 
 from denoiserotator.assets import fetch_corpus, fetch_smollm2
+from denoiserotator.data import calibration_ids, perplexity_ids
+from denoiserotator.evaluate.perplexity import perplexity
 from denoiserotator.export import load_model, measured_sparsity
 from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
 from denoiserotator.pipeline import PruneSettings, run_pipeline

@@ -80,7 +80,8 @@ def group_entropy(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum over groups (slices along `dim`) of the Shannon entropy of the normalised scores."""
     tiny = torch.finfo(scores.dtype).tiny
     totals = scores.sum(dim=dim, keepdim=True)
-    probabilities = scores / totals.clamp_min(tiny)
+    # An all-zero group has entropy 0; dividing by 1 there keeps its gradient finite too.
+    probabilities = scores / torch.where(totals > 0, totals, torch.ones_like(totals))
     # Not xlogy: its gradient at p = 0 is -inf·0 = NaN, and real checkpoints (quantised ones
     # especially) have exact zeros. With the clamp, 0·log(tiny) = 0 and the gradient is finite.
     return -(probabilities * torch.log(probabilities.clamp_min(tiny))).sum()
