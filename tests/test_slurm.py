@@ -1,0 +1,242 @@
+"""The tiny workflow through the SLURM executor on a real (local, single-node) SLURM cluster.
+
+Run by `make test-slurm` (.ci/slurm/test-slurm.sh), which starts the cluster first; the
+`slurm` marker keeps these tests out of `make test`. What is checked is what SLURM itself
+recorded (`sacct`), not what Snakemake says it asked for:
+
+1. every submitted job ran under the account from the environment with exactly the memory,
+   CPUs and GPUs (count and model) its rule declared, and GPU rules really got a GPU;
+2. a second invocation submits nothing;
+3. changing one parameter resubmits exactly the jobs that depend on it.
+
+The tests share one copy of the repository and run in order (each builds on the last).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "config/test.yaml"
+# (the workflow's default target with the test config)
+TARGETS: list[str] = ["all"]
+ACCOUNT = os.environ.get("SLURM_ACCOUNT", "pruning")
+GPU_MODEL = os.environ.get("DENOISEROTATOR_GPU_MODEL", "a100")
+# per Snakemake call; the SLURM plugin can poll forever when status is unavailable
+SNAKEMAKE_TIMEOUT_S = int(os.environ.get("SLURM_TEST_SNAKEMAKE_TIMEOUT", "420"))
+
+# One parameter change and the rules it must (and only it may) resubmit: a config overlay
+# merged over config/test.yaml with a second --configfile.
+CHANGE: dict = {"m": 7}
+RULES_AFFECTED_BY_CHANGE = {"c"}
+
+# Poll quickly: the default first status check comes after 40 s, then every 10+ s.
+TEST_PROFILE = {
+    "slurm-init-seconds-before-status-checks": 1,
+    "seconds-between-status-checks": 1,
+}
+
+
+def _cluster_up() -> bool:
+    if shutil.which("scontrol") is None or shutil.which("sacct") is None:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return False
+    return "UP" in out.stdout
+
+
+@dataclass
+class SubmittedJob:
+    rule: str
+    slurm_id: str
+    mem_mb: int
+    gpu: int
+    gpu_model: str | None
+    threads: int
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    jobs: list[SubmittedJob]
+
+
+def parse_submissions(log: str) -> list[SubmittedJob]:
+    """Jobs Snakemake sent to SLURM, with the resources it printed for each."""
+    blocks: dict[str, dict] = {}
+    current: dict | None = None
+    for line in log.splitlines():
+        header = re.match(r"^(local)?rule (\w+):$", line.strip())
+        if header:
+            current = {"rule": header.group(2), "local": bool(header.group(1)), "threads": 1}
+            continue
+        if current is None:
+            continue
+        stripped = line.strip()
+        if stripped.startswith("jobid:"):
+            blocks[stripped.split()[1]] = current
+        elif stripped.startswith("threads:"):
+            current["threads"] = int(stripped.split()[1])
+        elif stripped.startswith("resources:"):
+            res = stripped[len("resources:") :]
+            mem = re.search(r"\bmem_mb=(\d+)", res)
+            gpu = re.search(r"\bgpu=(\d+)", res)
+            model = re.search(r"\bgpu_model=([\w.]+)", res)
+            current["mem_mb"] = int(mem.group(1)) if mem else None
+            current["gpu"] = int(gpu.group(1)) if gpu else 0
+            current["gpu_model"] = model.group(1) if model else None
+    jobs = []
+    for sm_id, slurm_id in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log):
+        b = blocks[sm_id]
+        jobs.append(SubmittedJob(b["rule"], slurm_id, b["mem_mb"], b["gpu"], b["gpu_model"], b["threads"]))
+    return jobs
+
+
+def _tres_mb(value: str) -> int:
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+    return round(float(value[:-1]) * units[value[-1]]) if value[-1] in units else int(value)
+
+
+def parse_tres(tres: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in tres.split(",") if "=" in item)
+
+
+def sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Allocation records (no steps) of the given jobs, as SLURM's accounting stored them."""
+    fields = ["JobID", "State", "Account", "ReqTRES", "AllocTRES", "Comment"]
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-j", ",".join(job_ids), "-o", ",".join(fields)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split("|", len(fields) - 1)
+        if len(parts) == len(fields):
+            rows[parts[0]] = dict(zip(fields, parts))
+    return rows
+
+
+def account_job_count(since: str) -> int:
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-a", "-A", ACCOUNT, "-S", since, "-o", "JobID"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    return len(out.split())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not _cluster_up():
+        message = "no SLURM controller answers `scontrol ping` (start .ci/slurm/start-local-slurm.sh)"
+        if os.environ.get("DENOISEROTATOR_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    # a copy of the working tree as git sees it (tracked + untracked, not ignored), so the
+    # test neither reads nor writes results/ of the checkout it runs from
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    dest = tmp_path_factory.mktemp("slurm-repo")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            target.symlink_to(os.readlink(src))
+        else:
+            shutil.copy2(src, target)
+    (dest / ".test-profile").mkdir()
+    (dest / ".test-profile" / "profile.yaml").write_text(yaml.safe_dump(TEST_PROFILE))
+    (dest / ".change.yaml").write_text(yaml.safe_dump(CHANGE))
+    return dest
+
+
+def snakemake(workdir: Path, *extra: str) -> Run:
+    """`snakemake --profile slurm` exactly as a user runs it, plus fast status polling."""
+    cmd = [
+        "timeout", "-k", "30", str(SNAKEMAKE_TIMEOUT_S),
+        sys.executable, "-m", "snakemake", "--profile", "slurm", "--profile", ".test-profile",
+        *TARGETS, "--configfile", CONFIG, *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, SLURM_ACCOUNT=ACCOUNT, DENOISEROTATOR_GPU_MODEL=GPU_MODEL)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode in (124, 137):
+        pytest.fail(f"snakemake did not finish within {SNAKEMAKE_TIMEOUT_S}s:\n{log[-6000:]}")
+    return Run(proc.returncode, log, parse_submissions(log))
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> Run:
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.log[-8000:]
+    return run
+
+
+def test_jobs_ran_with_declared_resources(first_run: Run) -> None:
+    jobs = first_run.jobs
+    assert jobs, "nothing was submitted to SLURM:\n" + first_run.log[-4000:]
+    assert any(j.gpu > 0 for j in jobs), "the tiny workflow submitted no GPU job"
+    records = sacct([j.slurm_id for j in jobs])
+    for job in jobs:
+        rec = records.get(job.slurm_id)
+        assert rec is not None, f"job {job.slurm_id} ({job.rule}) missing from sacct"
+        where = f"job {job.slurm_id} (rule {job.rule})"
+        assert rec["State"] == "COMPLETED", f"{where}: {rec}"
+        assert rec["Account"] == ACCOUNT, f"{where}: {rec}"
+        # the plugin's comment names the rule: ties the SLURM record to the Snakemake job
+        assert rec["Comment"].startswith(f"rule_{job.rule}"), f"{where}: {rec}"
+        for column in ("ReqTRES", "AllocTRES"):
+            tres = parse_tres(rec[column])
+            assert job.mem_mb is not None, f"{where} declared no mem_mb"
+            assert _tres_mb(tres["mem"]) == job.mem_mb, f"{where} {column}: {rec[column]}"
+            assert int(tres["cpu"]) >= job.threads, f"{where} {column}: {rec[column]}"
+            assert int(tres.get("gres/gpu", 0)) == job.gpu, f"{where} {column}: {rec[column]}"
+            if job.gpu:
+                # the GPU model comes from the profile, not from the rule
+                assert job.gpu_model == (GPU_MODEL or None), f"{where}: gpu_model {job.gpu_model}"
+                if GPU_MODEL:
+                    assert int(tres.get(f"gres/gpu:{GPU_MODEL}", 0)) == job.gpu, f"{where}: {rec[column]}"
+
+
+def test_second_invocation_submits_nothing(workdir: Path, first_run: Run) -> None:
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.log[-8000:]
+    assert run.jobs == [], f"resubmitted: {[j.rule for j in run.jobs]}\n{run.log[-4000:]}"
+    assert "Nothing to be done" in run.log, run.log[-4000:]
+    assert account_job_count(since) == 0
+
+
+def test_changed_parameter_resubmits_only_affected_jobs(workdir: Path, first_run: Run) -> None:
+    run = snakemake(workdir, "--configfile", CONFIG, ".change.yaml")
+    assert run.returncode == 0, run.log[-8000:]
+    rules = {j.rule for j in run.jobs}
+    assert rules == RULES_AFFECTED_BY_CHANGE, f"resubmitted {sorted(rules)}\n{run.log[-4000:]}"
+    # no more jobs of those rules than in the first run (a smaller part of the same DAG)
+    first = [j for j in first_run.jobs if j.rule in rules]
+    assert 0 < len(run.jobs) <= len(first)
+    records = sacct([j.slurm_id for j in run.jobs])
+    assert all(records[j.slurm_id]["State"] == "COMPLETED" for j in run.jobs), records
+    # and after that, nothing is left to do again
+    again = snakemake(workdir, "--configfile", CONFIG, ".change.yaml")
+    assert again.returncode == 0 and again.jobs == [], again.log[-4000:]
