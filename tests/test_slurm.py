@@ -121,20 +121,26 @@ def sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     fields = ["JobID", "State", "Account", "ReqTRES", "AllocTRES", "Comment"]
     out = subprocess.run(
         ["sacct", "-X", "-P", "-n", "-j", ",".join(job_ids), "-o", ",".join(fields)],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     rows = {}
     for line in out.splitlines():
         parts = line.split("|", len(fields) - 1)
         if len(parts) == len(fields):
-            rows[parts[0]] = dict(zip(fields, parts))
+            rows[parts[0]] = dict(zip(fields, parts, strict=True))
     return rows
 
 
 def account_job_count(since: str) -> int:
     out = subprocess.run(
         ["sacct", "-X", "-P", "-n", "-a", "-A", ACCOUNT, "-S", since, "-o", "JobID"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     return len(out.split())
 
@@ -148,10 +154,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(message)
     # a copy of the working tree as git sees it (tracked + untracked, not ignored), so the
     # test neither reads nor writes results/ of the checkout it runs from
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     dest = tmp_path_factory.mktemp("slurm-repo")
     for rel in filter(None, files):
         src = ROOT / rel
