@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     args = parser.parse_args(argv)
     from denoiserotator.data import perplexity_ids
     from denoiserotator.export import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     ids, meta = perplexity_ids(tokenizer, args.dataset, args.seqlen, with_meta=True)
     result = perplexity(model, ids, args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                         device=args.device)

@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     args = parser.parse_args(argv)
     from denoiserotator.export import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = zeroshot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                       task_dir=args.task_dir, device=args.device)
