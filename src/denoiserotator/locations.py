@@ -61,7 +61,9 @@ def fetch_model(source: str, cache_dir: Path, slug: str) -> Path:
             cache_dir / "models" / slug,
             lambda tmp: snapshot_download(repo_id=value, local_dir=tmp, allow_patterns=patterns),
         )
-    raise ValueError(f"unknown model source {source!r}; expected one of {', '.join(MODEL_SOURCE_KINDS)}:<...>")
+    raise ValueError(
+        f"unknown model source {source!r}; expected one of {', '.join(MODEL_SOURCE_KINDS)}:<...>"
+    )
 
 
 def _atomic_folder(final: Path, build: Any) -> Path:
@@ -114,8 +116,10 @@ def job_log(path: str | Path, threads: int | None = None) -> Iterator[None]:
         import torch
 
         torch.set_num_threads(threads)
-    with open(path, "a", buffering=1) as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(
-        handle
+    with (
+        open(path, "a", buffering=1) as handle,
+        contextlib.redirect_stdout(handle),
+        contextlib.redirect_stderr(handle),
     ):
         root = logging.getLogger()
         handler = logging.StreamHandler(handle)
