@@ -7,10 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +15,12 @@ import torch
 
 from .data import load_calibration
 from .export import load_model, measured_sparsity, save_model
+from .locations import write_json
 from .pipeline import DTYPES, PruneSettings, run_pipeline, settings_dict
 from .pruners import PRUNERS
 from .rotation.loss import SCORES
 
 log = logging.getLogger(__name__)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def prune_stage(
@@ -63,7 +52,7 @@ def prune_stage(
         "measured_sparsity_per_linear": sparsity.get("per_linear", {}),
         "seconds": result.seconds,
     }
-    write_json_atomic(Path(stats_path), stats)
+    write_json(Path(stats_path), stats)
     return stats
 
 
