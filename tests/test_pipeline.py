@@ -104,3 +104,45 @@ def test_bad_settings_fail_clearly() -> None:
         PruneSettings(pruner="obs").validate()
     with pytest.raises(ValueError, match="dense"):
         PruneSettings(pruner="none", rotation="none").validate()
+
+
+def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -> None:
+    settings = PruneSettings(pruner="wanda", pattern="50%", rotation="denoise", steps=4)
+    reference_model = tiny_model("mistral", num_layers=3)
+    ids = calibration(reference_model)
+    reference = run_pipeline(reference_model, ids, settings, progress=False)
+
+    import denoiserotator.pipeline as pipeline
+
+    real_run_layer = pipeline.run_layer
+    calls = {"n": 0}
+
+    def dying_run_layer(*args, **kwargs):
+        calls["n"] += 1
+        # grams for rotation, 4 pruning groups, outputs: 6 calls per layer; die inside layer 2
+        if calls["n"] == 14:
+            raise RuntimeError("node failure")
+        return real_run_layer(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_layer", dying_run_layer)
+    with pytest.raises(RuntimeError, match="node failure"):
+        run_pipeline(
+            tiny_model("mistral", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+        )
+    monkeypatch.setattr(pipeline, "run_layer", real_run_layer)
+    assert (tmp_path / "layer-0001.pt").exists() and not (tmp_path / "layer-0002.pt").exists()
+
+    resumed = run_pipeline(
+        tiny_model("mistral", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+    )
+    for expected, actual in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(expected, actual)
+    assert [s["entropy_after"] for s in resumed.layer_stats] == [
+        s["entropy_after"] for s in reference.layer_stats
+    ]
+    # Other settings never pick up this checkpoint.
+    other = PruneSettings(pruner="wanda", pattern="2:4", rotation="denoise", steps=4)
+    fresh = run_pipeline(
+        tiny_model("mistral", num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
+    )
+    assert len(fresh.layer_stats) == 3

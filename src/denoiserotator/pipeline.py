@@ -8,11 +8,15 @@ layer's inputs. Activations are kept in the original basis between layers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -119,10 +123,73 @@ def _grams_for(
     return {name: acc.gram for name, acc in accumulators.items()}
 
 
+class LayerCheckpoint:
+    """Per-layer progress on disk, so a killed job (time limit, node failure) resumes where it was.
+
+    After layer i: its finished weights, its rotation and statistics, and the activations that
+    feed layer i+1; `progress.json` is written last and names the settings and calibration it
+    belongs to, so a checkpoint of other settings is never resumed.
+    """
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder = Path(folder)
+        self.key = key
+
+    def done(self) -> int:
+        progress = self.folder / "progress.json"
+        if not progress.exists():
+            return 0
+        record = json.loads(progress.read_text())
+        return int(record["done"]) if record.get("key") == self.key else 0
+
+    def save(
+        self,
+        index: int,
+        layer: nn.Module,
+        rotation: torch.Tensor | None,
+        record: dict[str, Any],
+        hidden: list[torch.Tensor],
+    ) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(
+            {"state": layer.state_dict(), "rotation": rotation, "record": record},
+            self.folder / f"layer-{index:04d}.pt",
+        )
+        _atomic_save([batch.cpu() for batch in hidden], self.folder / "hidden.pt")
+        (self.folder / "progress.json.tmp").write_text(json.dumps({"key": self.key, "done": index + 1}))
+        os.replace(self.folder / "progress.json.tmp", self.folder / "progress.json")
+
+    def load_layer(self, index: int) -> dict[str, Any]:
+        return torch.load(self.folder / f"layer-{index:04d}.pt", weights_only=True)
+
+    def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
+        return [batch.to(device) for batch in torch.load(self.folder / "hidden.pt", weights_only=True)]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_key(settings: PruneSettings, input_ids: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    digest.update(input_ids.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_pipeline(
-    model: nn.Module, input_ids: torch.Tensor, settings: PruneSettings, progress: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    settings: PruneSettings,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> PipelineResult:
-    """Rotate (optionally) and prune (optionally) `model` in place, layer by layer."""
+    """Rotate (optionally) and prune (optionally) `model` in place, layer by layer.
+
+    With `checkpoint_dir`, every finished layer is saved there and a rerun with the same
+    settings and calibration resumes after the last finished layer.
+    """
     settings.validate()
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -138,8 +205,21 @@ def run_pipeline(
     hidden = inputs.hidden
     rotations: list[torch.Tensor | None] = []
     stats: list[dict[str, Any]] = []
+    checkpoint = (
+        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids)) if checkpoint_dir else None
+    )
+    resume_from = checkpoint.done() if checkpoint else 0
+    for index in range(resume_from):
+        saved = checkpoint.load_layer(index)
+        layer = adapter.layers[index].to(dtype=dtype)
+        layer.load_state_dict(saved["state"], strict=True)
+        rotations.append(saved["rotation"])
+        stats.append(saved["record"])
+    if resume_from:
+        hidden = checkpoint.load_hidden(device)
+        log.info("resuming after layer %d from %s", resume_from - 1, checkpoint_dir)
     show = progress and sys.stderr.isatty()
-    for index in tqdm(range(adapter.num_layers), desc="layers", disable=not show):
+    for index in tqdm(range(resume_from, adapter.num_layers), desc="layers", disable=not show):
         layer_started = time.perf_counter()
         layer = adapter.layers[index].to(device=device, dtype=dtype)
         view = adapter.wrap_layer(layer)
@@ -212,6 +292,8 @@ def run_pipeline(
         rotations.append(None if rotation is None else rotation.to("cpu", torch.float32))
         record["seconds"] = time.perf_counter() - layer_started
         stats.append(record)
+        if checkpoint:
+            checkpoint.save(index, layer, rotations[-1], record, hidden)
         log.info("layer %d: %s", index, {k: v for k, v in record.items() if k not in ("sparsity", "damping")})
 
     model.to("cpu")

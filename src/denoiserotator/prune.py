@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def prune_stage(
     input_ids, calib_meta = load_calibration(calib_path)
     # Weights are kept on CPU in float32 and moved layer by layer to settings.device/dtype.
     model, tokenizer = load_model(model_dir, dtype=torch.float32, device="cpu")
-    result = run_pipeline(model, input_ids, settings, progress=progress)
+    # Outside the output folder: Snakemake removes a failed job's outputs, not this.
+    checkpoint_dir = Path(out_dir).parent / f".{Path(out_dir).name}.layers"
+    result = run_pipeline(model, input_ids, settings, progress=progress, checkpoint_dir=checkpoint_dir)
     sparsity = measured_sparsity(result.model)
     metadata = {
         "settings": settings_dict(settings),
@@ -53,6 +56,7 @@ def prune_stage(
         "seconds": result.seconds,
     }
     write_json(Path(stats_path), stats)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return stats
 
 
