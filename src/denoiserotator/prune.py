@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data import load_calibration
 from .export import load_model, measured_sparsity, save_model
 from .locations import write_json
@@ -34,8 +32,9 @@ def prune_stage(
 ) -> dict[str, Any]:
     settings.validate()
     input_ids, calib_meta = load_calibration(calib_path)
-    # Weights are kept on CPU in float32 and moved layer by layer to settings.device/dtype.
-    model, tokenizer = load_model(model_dir, dtype=torch.float32, device="cpu")
+    # The model stays on CPU in the compute dtype (bf16 halves host RAM for 70B-class models);
+    # one layer at a time moves to settings.device.
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[settings.dtype], device="cpu")
     # Outside the output folder: Snakemake removes a failed job's outputs, not this.
     checkpoint_dir = Path(out_dir).parent / f".{Path(out_dir).name}.layers"
     result = run_pipeline(model, input_ids, settings, progress=progress, checkpoint_dir=checkpoint_dir)
@@ -46,7 +45,7 @@ def prune_stage(
         "calibration": {"path": str(calib_path), **{k: v for k, v in calib_meta.items() if k != "input_ids"}},
         "untied_embeddings": result.untied_embeddings,
     }
-    # Saved in float32 on CPU; the eval stages cast as configured.
+    # Saved in the compute dtype; the eval stages cast as configured.
     save_model(result.model, tokenizer, Path(out_dir), boundary=result.boundary, metadata=metadata)
     stats = {
         **metadata,
