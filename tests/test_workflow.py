@@ -1,0 +1,184 @@
+"""The real workflow on config/test.yaml (tiny random Llama, committed tiny corpus) in a temporary
+copy of the repository's workflow files, then dry runs that prove the invalidation rules:
+
+* a second run plans nothing;
+* changing the rotation steps replans only rotated rows (their prune, evals) and the tables,
+  never a dense or plain-pruning job;
+* changing the zero-shot settings replans only zero-shot evaluations and the tables;
+* config/demo.yaml merged over config/config.yaml plans exactly the demo grid, and the paper grid
+  plans GPU jobs for its seven models.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles/default", "envs")
+RUN_TIMEOUT_S = 1500
+
+
+def _copy_workflow(dest: Path) -> Path:
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def dry_run(workdir: Path, *args: str) -> tuple[dict[str, int], list[str]]:
+    """Planned job counts per rule and every planned output path."""
+    proc = snakemake(workdir, "-n", *args)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    counts: dict[str, int] = {}
+    if "Job stats:" in log:
+        table = log.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+        for line in table.splitlines()[3:]:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+                counts[parts[0]] = int(parts[1])
+    outputs = [p.strip() for line in re.findall(r"^\s+output: (.*)$", log, re.M) for p in line.split(",")]
+    return counts, outputs
+
+
+def _overlay(workdir: Path, name: str, payload: dict) -> str:
+    (workdir / name).write_text(yaml.safe_dump(payload))
+    return name
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test workflow, run once for real."""
+    dest = _copy_workflow(tmp_path_factory.mktemp("workflow"))
+    proc = snakemake(dest, "--cores", "2", "--configfile", "config/test.yaml", timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
+    return dest
+
+
+def test_main_table_has_the_grid(workdir: Path) -> None:
+    table = pd.read_csv(workdir / "results/tables/main.csv")
+    assert pd.read_parquet(workdir / "results/tables/main.parquet").shape == table.shape
+    keys = sorted(map(tuple, table[["pruner", "pattern", "rotation", "finetune"]].astype(str).values))
+    assert keys == sorted([
+        ("none", "dense", "none", "none"),  # dense
+        ("wanda", "50%", "none", "none"),
+        ("wanda", "50%", "denoise", "none"),
+        ("none", "dense", "denoise", "none"),  # rotation only
+        ("wanda", "50%", "denoise", "lora"),
+    ])
+    assert set(table["model"]) == {"tiny-llama"}
+    for column in ("measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "rotation_only_matches_dense"):
+        assert column in table.columns
+    assert table[["measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg"]].notna().all().all()
+    pruned = table["pruner"] != "none"
+    # 50% unstructured per output row on even widths: exactly half the weights, LoRA included
+    assert (table.loc[pruned, "measured_sparsity"] == 0.5).all()
+    assert (table.loc[~pruned, "measured_sparsity"] == 0.0).all()
+    rot_only = (table["pruner"] == "none") & (table["rotation"] == "denoise")
+    assert table.loc[rot_only, "rotation_only_matches_dense"].tolist() == [True]
+    dense = table[(table["pruner"] == "none") & (table["rotation"] == "none")]
+    assert table.loc[rot_only, "ppl_sotu"].iloc[0] == pytest.approx(dense["ppl_sotu"].iloc[0], rel=1e-3)
+    for name in ("main.md", "ppl.png", "entropy.png"):
+        assert (workdir / "results/tables" / name).stat().st_size > 0
+
+
+def test_calibration_records_its_hash(workdir: Path) -> None:
+    import json
+
+    (meta,) = list((workdir / "results/calib/tiny-llama").glob("c-*.json"))
+    assert re.fullmatch(r"[0-9a-f]{64}", json.loads(meta.read_text())["sha256"])
+
+
+def test_second_run_plans_nothing(workdir: Path) -> None:
+    counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml")
+    assert counts == {} and outputs == []
+
+
+def test_rotation_steps_change_reruns_only_rotated_rows(workdir: Path) -> None:
+    overlay = _overlay(workdir, "steps7.yaml", {"rotation": {"steps": 7}})
+    counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
+    full, _ = dry_run(workdir, "--configfile", "config/test.yaml", overlay, "--forceall")
+    assert sum(counts.values()) < sum(full.values())
+    # wanda+rotation, rotation-only, and the LoRA row built on wanda+rotation
+    assert counts.get("prune") == 2 and counts.get("finetune") == 1
+    assert counts.get("perplexity") == 3 and counts.get("zeroshot") == 3 and counts.get("sparsity") == 3
+    assert "calibrate" not in counts and "fetch_model" not in counts
+    for path in outputs:
+        if path.startswith(("results/models/", "results/eval/")):
+            assert "/dense/" not in path and "_none/" not in path, path
+            assert "_dr-" in path, path
+
+
+def test_zeroshot_change_reruns_only_zeroshot(workdir: Path) -> None:
+    overlay = _overlay(workdir, "zs.yaml", {"eval": {"zeroshot": {"limit": 3}}})
+    counts, _ = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
+    assert set(counts) == {"zeroshot", "tables", "all"}
+    assert counts["zeroshot"] == 5
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _copy_workflow(tmp_path_factory.mktemp("fresh"))
+
+
+def test_demo_plans_exactly_the_demo_grid(fresh: Path) -> None:
+    counts, outputs = dry_run(fresh, "--configfile", "config/demo.yaml", "results/tables/main.csv")
+    # dense + 3 pruners x 2 patterns x 2 rotations + rotation-only + 1 LoRA row = 15 rows
+    assert counts["prune"] == 13 and counts["finetune"] == 1
+    assert counts["perplexity"] == counts["zeroshot"] == counts["sparsity"] == 15
+    assert counts["fetch_model"] == 1 and counts["calibrate"] == 1 and counts["tables"] == 1
+    models = {p.split("/")[2] for p in outputs if p.startswith(("results/models/", "results/eval/"))}
+    assert models == {"smollm2-135m"}
+
+
+def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
+    proc = snakemake(fresh, "-n", "results/tables/main.csv")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    counts, outputs = dry_run(fresh, "results/tables/main.csv")
+    assert counts["fetch_model"] == 7 and counts["prune"] == 7 * 13
+    assert counts["perplexity"] == 7 * 13 * 2 and counts["zeroshot"] == 7 * 13
+    prune_jobs = [block for block in log.split("\n\n") if re.search(r"^rule prune:", block.strip(), re.M)]
+    assert prune_jobs and all("gpu=1" in block for block in prune_jobs)
+
+
+def test_merged_configs_leave_nothing_of_the_paper_grid() -> None:
+    """Every mapping key of config.yaml is set by demo.yaml and test.yaml (lists replace wholesale)."""
+
+    def leaves(node: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out |= leaves(value, f"{prefix}{key}.")
+            else:
+                out.add(f"{prefix}{key}")
+        return out
+
+    paper = leaves(yaml.safe_load((ROOT / "config/config.yaml").read_text()))
+    for name in ("demo.yaml", "test.yaml"):
+        missing = paper - leaves(yaml.safe_load((ROOT / "config" / name).read_text()))
+        assert not missing, f"config/{name} inherits {sorted(missing)} from config/config.yaml"
+
+
+def test_lint_is_clean(fresh: Path) -> None:
+    proc = snakemake(fresh, "--lint")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -1,0 +1,56 @@
+# Fetched once into the resources cache (local rules: compute nodes are often offline).
+
+
+rule fetch_model:
+    output:
+        directory(f"{RES}/models/{{model}}"),
+    params:
+        spec=get_fetch_params,
+        cache=RES,
+    log:
+        f"results/logs/fetch_model/{{model}}.log",
+    threads: 1
+    resources:
+        mem_mb=get_mem_mb("fetch"),
+        runtime=120,
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/fetch_model.py"
+
+
+rule fetch_corpus:
+    output:
+        directory(f"{RES}/corpus"),
+    params:
+        cache=RES,
+    log:
+        "results/logs/fetch_corpus.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/fetch_corpus.py"
+
+
+rule zeroshot_fixtures:
+    input:
+        corpus=corpus_dir(),
+    output:
+        directory(fixtures_dir()),
+    params:
+        n_items=config["eval"]["zeroshot"]["fixture_items"],
+        seed=config["eval"]["zeroshot"]["fixture_seed"],
+    log:
+        "results/logs/zeroshot_fixtures.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/zeroshot_fixtures.py"

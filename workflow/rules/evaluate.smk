@@ -1,0 +1,60 @@
+rule perplexity:
+    input:
+        unpack(get_ppl_inputs),
+    output:
+        "results/eval/{row}/ppl-{set}-{pplid}.json",
+    params:
+        settings=get_ppl_params,
+    log:
+        "results/logs/perplexity/{row}/{set}-{pplid}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{row}/{set}-{pplid}.tsv"
+    threads: get_threads("ppl")
+    resources:
+        mem_mb=get_mem_mb("ppl"),
+        runtime=get_runtime("ppl"),
+        gpu=get_gpu("ppl"),
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/perplexity.py"
+
+
+rule zeroshot:
+    input:
+        unpack(get_zeroshot_inputs),
+    output:
+        "results/eval/{row}/zeroshot-{zsid}.json",
+    params:
+        settings=get_zeroshot_params,
+    log:
+        "results/logs/zeroshot/{row}/{zsid}.log",
+    benchmark:
+        "results/benchmarks/zeroshot/{row}/{zsid}.tsv"
+    threads: get_threads("zeroshot")
+    resources:
+        mem_mb=get_mem_mb("zeroshot"),
+        runtime=get_runtime("zeroshot"),
+        gpu=get_gpu("zeroshot"),
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/zeroshot.py"
+
+
+# Sparsity read back from the saved folder (not the pruner's own count).
+rule sparsity:
+    input:
+        model=get_eval_model,
+    output:
+        "results/eval/{row}/sparsity.json",
+    log:
+        "results/logs/sparsity/{row}.log",
+    threads: 1
+    resources:
+        mem_mb=get_mem_mb("sparsity"),
+        runtime=30,
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/sparsity.py"
