@@ -15,6 +15,19 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[a-z0-9][a-z0-9.-]*",
+    calib=r"c-[0-9a-f]{8}",
+    variant=VARIANT_RE,
+    ft=r"[0-9a-f]{8}",
+    row=ROW_RE,
+    set=r"[A-Za-z0-9_]+",
+    pplid=r"[0-9a-f]{8}",
+    zsid=r"[0-9a-f]{8}",
+
+
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/prune.smk"

@@ -6,7 +6,6 @@ rule fetch_model:
         directory(f"{RES}/models/{{model}}"),
     params:
         spec=get_fetch_params,
-        cache=RES,
     log:
         f"results/logs/fetch_model/{{model}}.log",
     threads: 1
@@ -22,8 +21,6 @@ rule fetch_model:
 rule fetch_corpus:
     output:
         directory(f"{RES}/corpus"),
-    params:
-        cache=RES,
     log:
         "results/logs/fetch_corpus.log",
     threads: 1

@@ -11,7 +11,7 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-RES = config["resources_dir"].rstrip("/")
+RES = str(Path(config["resources_dir"]))
 MODELS = {m["slug"]: m for m in config["models"]}
 if len(MODELS) != len(config["models"]):
     raise ValueError("config: model slugs must be unique")
@@ -25,17 +25,6 @@ PAPER_PRUNER_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "
 # Output names: every path carries what determines it, as a short hash of the settings.
 VARIANT_RE = r"(magnitude|wanda|sparsegpt)_([0-9]+pct|[0-9]+-[0-9]+)_(none|dr-[0-9a-f]{8})|none_dense_dr-[0-9a-f]{8}"
 ROW_RE = rf"[a-z0-9][a-z0-9.-]*/(dense|c-[0-9a-f]{{8}}/({VARIANT_RE})(/lora-[0-9a-f]{{8}})?)"
-
-
-wildcard_constraints:
-    model=r"[a-z0-9][a-z0-9.-]*",
-    calib=r"c-[0-9a-f]{8}",
-    variant=VARIANT_RE,
-    ft=r"[0-9a-f]{8}",
-    row=ROW_RE,
-    set=r"[A-Za-z0-9_]+",
-    pplid=r"[0-9a-f]{8}",
-    zsid=r"[0-9a-f]{8}",
 
 
 def short_hash(settings) -> str:
@@ -62,7 +51,7 @@ def calibration_settings() -> dict:
 
 
 def calib_id() -> str:
-    return "c-" + short_hash(calibration_settings())
+    return f"c-{short_hash(calibration_settings())}"
 
 
 def loss_score_for(pruner: str) -> str:
@@ -81,7 +70,7 @@ def rotation_settings(pruner: str) -> dict:
 
 
 def rotation_slug(pruner: str, rotation: str) -> str:
-    return "none" if rotation == "none" else "dr-" + short_hash(rotation_settings(pruner))
+    return "none" if rotation == "none" else f"dr-{short_hash(rotation_settings(pruner))}"
 
 
 def variant_name(pruner: str, pattern: str | None, rotation: str) -> str:
@@ -136,7 +125,7 @@ def zeroshot_id() -> str:
 
 def corpus_dir() -> str:
     source = config["corpus"]["source"]
-    return source.split(":", 1)[1].rstrip("/") if source.startswith("local:") else f"{RES}/corpus"
+    return str(Path(source.split(":", 1)[1])) if source.startswith("local:") else f"{RES}/corpus"
 
 
 def corpus_inputs(spec: str) -> list:
@@ -159,7 +148,7 @@ def fixtures_dir() -> str:
 def base_model_dir(model: str) -> str:
     source = MODELS[model]["source"]
     if source.startswith("local:"):
-        return source.split(":", 1)[1].rstrip("/")
+        return str(Path(source.split(":", 1)[1]))
     return f"{RES}/models/{model}"
 
 
@@ -224,10 +213,8 @@ def row_outputs(entry: dict) -> dict:
 
 def get_table_manifest(wildcards=None) -> dict:
     """Everything tables.py needs: rows with their files, and the settings shown with the table."""
-    rows = []
-    for entry in grid_rows():
-        model = MODELS[entry["model"]]
-        rows.append({**entry, "paper_name": model["paper_name"], "files": row_outputs(entry)})
+    rows = [{**entry, "paper_name": MODELS[entry["model"]]["paper_name"], "files": row_outputs(entry)}
+            for entry in grid_rows()]
     return {
         "rows": rows,
         "perplexity": {name: {"paper": s["paper"], "note": s["note"], **ppl_settings(name)}
@@ -243,9 +230,9 @@ def get_table_inputs(wildcards) -> list:
     files = []
     for row in get_table_manifest()["rows"]:
         f = row["files"]
-        files += [f["sparsity"], *f["ppl"].values()]
-        files += [f["zeroshot"]] if "zeroshot" in f else []
-        files += [f["stats"]] if f["stats"] else []
+        files.extend([f["sparsity"], *f["ppl"].values()])
+        files.extend([f["zeroshot"]] if "zeroshot" in f else [])
+        files.extend([f["stats"]] if f["stats"] else [])
     return sorted(set(files))
 
 
@@ -271,6 +258,10 @@ def get_calib_params(wildcards) -> dict:
     return {**calibration_settings(), "source": resolve_source(config["calibration"]["source"])}
 
 
+def model_dtype(model: str) -> str:
+    return MODELS[model]["dtype"] or config["compute"]["dtype"]
+
+
 def get_prune_params(wildcards) -> dict:
     """Only what determines this row: rotation settings are left out of plain-pruning rows so that
     changing them never reruns those (Snakemake's params trigger)."""
@@ -279,7 +270,7 @@ def get_prune_params(wildcards) -> dict:
         "pruner": v["pruner"], "pattern": v["pattern"], "rotation": v["rotation"],
         "percdamp": config["pruning"]["percdamp"],
         "sparsegpt_blocksize": config["pruning"]["sparsegpt_blocksize"],
-        "device": config["compute"]["device"], "dtype": config["compute"]["dtype"],
+        "device": config["compute"]["device"], "dtype": model_dtype(wildcards.model),
         "batch_size": config["compute"]["prune_batch_size"],
     }
     if v["rotation"] == "denoise":
@@ -305,7 +296,7 @@ def get_finetune_params(wildcards) -> dict:
         raise ValueError(f"lora-{wildcards.ft} was made with other LoRA settings (lora-{lora_id()})")
     return {**config["finetune"]["lora"], **config["finetune"]["train"],
             "source": resolve_source(config["finetune"]["train"]["source"]),
-            "device": config["compute"]["device"], "dtype": config["compute"]["dtype"]}
+            "device": config["compute"]["device"], "dtype": model_dtype(wildcards.model)}
 
 
 def get_eval_model(wildcards) -> str:
@@ -340,7 +331,7 @@ def get_zeroshot_params(wildcards) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# resources: scaled by the model's size (params_b), overridable per model and rule
+# resources: scaled by the model's size (params_b), overridable per model and step
 
 
 def _model_of(wildcards) -> dict:
@@ -348,54 +339,56 @@ def _model_of(wildcards) -> dict:
     return MODELS[name]
 
 
-def _override(wildcards, rule: str, key: str):
-    return _model_of(wildcards)["resources"].get(rule, {}).get(key)
+def _override(wildcards, step: str, key: str):
+    return _model_of(wildcards)["resources"].get(step, {}).get(key)
 
 
 def _uses_gpu() -> bool:
     return config["compute"]["device"].startswith("cuda") or config["compute"]["gpus"] > 0
 
 
-def get_threads(rule: str):
+def get_threads(step: str):
     def threads(wildcards) -> int:
-        return _override(wildcards, rule, "threads") or config["compute"]["threads"]
+        return _override(wildcards, step, "threads") or config["compute"]["threads"]
     return threads
 
 
-def get_gpu(rule: str):
+def get_gpu(step: str):
     def gpu(wildcards) -> int:
-        value = _override(wildcards, rule, "gpu")
+        value = _override(wildcards, step, "gpu")
         return value if value is not None else config["compute"]["gpus"]
     return gpu
 
 
-def get_mem_mb(rule: str):
-    """Host memory. The stages keep the whole model in fp32 on the host (4 bytes per parameter)
-    and move one layer at a time to the GPU; prune also holds calibration activations."""
+def get_mem_mb(step: str):
+    """Host memory. The stages keep the whole model on the host in its dtype (4 bytes per parameter
+    in float32, 2 in bfloat16) and move one layer at a time to the GPU; prune also holds the
+    calibration activations (three copies of nsamples x seqlen x hidden, hidden <= 8192)."""
     def mem_mb(wildcards, attempt) -> int:
-        value = _override(wildcards, rule, "mem_mb")
+        value = _override(wildcards, step, "mem_mb")
         if value:
             return value * attempt
-        gb = _model_of(wildcards)["params_b"] * 4.0
+        model = _model_of(wildcards)
+        gb = model["params_b"] * (4.0 if model_dtype(model["slug"]) == "float32" else 2.0)
         calib = config["calibration"]
-        activations = calib["nsamples"] * calib["seqlen"] * 8192 * 4 * 3 / 1e9 if rule == "prune" else 0.0
-        factor = {"prune": 1.3, "finetune": 2.5, "ppl": 1.2, "zeroshot": 1.2, "sparsity": 1.2}.get(rule, 1.2)
+        activations = calib["nsamples"] * calib["seqlen"] * 8192 * 4 * 3 / 1e9 if step == "prune" else 0.0
+        factor = {"prune": 1.3, "finetune": 2.5, "perplexity": 1.2, "zeroshot": 1.2, "sparsity": 1.2}.get(step, 1.2)
         return int(1024 * (gb * factor + min(activations, 64.0) + 3.0)) * attempt
     return mem_mb
 
 
-def get_runtime(rule: str):
+def get_runtime(step: str):
     """Minutes. Rotation: 0.124 s per step per layer on an A100 for an 8B model (paper), scaled
     linearly with size; 1.5x margin. Other stages: a few minutes per billion parameters."""
     def runtime(wildcards, attempt) -> int:
-        value = _override(wildcards, rule, "runtime")
+        value = _override(wildcards, step, "runtime")
         if value:
             return value * attempt
         size = _model_of(wildcards)["params_b"]
         minutes = 20 + 6 * size
-        if rule == "prune" and parse_variant(wildcards.variant)["rotation"] == "denoise":
+        if step == "prune" and parse_variant(wildcards.variant)["rotation"] == "denoise":
             minutes += 1.5 * config["rotation"]["steps"] * 0.124 * 32 * (size / 8.0) / 60
-        elif rule == "finetune":
+        elif step == "finetune":
             minutes += 10 * size * config["finetune"]["lora"]["steps"] / 1024
         if not _uses_gpu():
             minutes *= 20  # CPU-only runs are far slower; generous so a cluster never kills them

