@@ -7,9 +7,9 @@ recorded (`sacct`), not what Snakemake says it asked for:
 1. every submitted job ran under the account from the environment with exactly the memory,
    CPUs and GPUs (count and model) its rule declared, and GPU rules really got a GPU;
 2. a second invocation submits nothing;
-3. changing one parameter resubmits exactly the jobs that depend on it.
+3. changing one parameter (rotation steps) resubmits exactly the jobs that depend on it.
 
-The tests share one copy of the repository and run in order (each builds on the last).
+The cluster tests share one copy of the repository and run in order (each builds on the last).
 """
 
 from __future__ import annotations
@@ -26,21 +26,31 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slurm
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "config/test.yaml"
-# (the workflow's default target with the test config)
-TARGETS: list[str] = ["all"]
+TARGETS: list[str] = ["results/tables/main.csv"]
 ACCOUNT = os.environ.get("SLURM_ACCOUNT", "pruning")
 GPU_MODEL = os.environ.get("DENOISEROTATOR_GPU_MODEL", "a100")
 # per Snakemake call; the SLURM plugin can poll forever when status is unavailable
-SNAKEMAKE_TIMEOUT_S = int(os.environ.get("SLURM_TEST_SNAKEMAKE_TIMEOUT", "420"))
+SNAKEMAKE_TIMEOUT_S = int(os.environ.get("SLURM_TEST_SNAKEMAKE_TIMEOUT", "600"))
 
-# One parameter change and the rules it must (and only it may) resubmit: a config overlay
-# merged over config/test.yaml with a second --configfile.
-CHANGE: dict = {"m": 7}
-RULES_AFFECTED_BY_CHANGE = {"c"}
+# One parameter change, as a config overlay merged over config/test.yaml: more rotation steps.
+# It must resubmit exactly the jobs of rotated rows (their paths carry the rotation settings'
+# hash "dr-<8 hex>") and the tables that collect them; nothing of the dense, unrotated or
+# calibration side.
+CHANGE: dict = {"rotation": {"steps": 4}}
+AGGREGATE_RULES = {"tables"}
+ROTATION_HASH = re.compile(r"dr-[0-9a-f]{8}")
+
+
+def affected_by_change(job: SubmittedJob) -> bool:
+    return job.rule in AGGREGATE_RULES or bool(ROTATION_HASH.search(job.wildcards))
+
+
+def job_key(job: SubmittedJob) -> tuple[str, str]:
+    """A job's identity with the rotation hash blanked (it is what the change renames)."""
+    return job.rule, ROTATION_HASH.sub("dr-*", job.wildcards)
+
 
 # Poll quickly: the default first status check comes after 40 s, then every 10+ s.
 TEST_PROFILE = {
@@ -67,6 +77,7 @@ class SubmittedJob:
     gpu: int
     gpu_model: str | None
     threads: int
+    wildcards: str
 
 
 @dataclass
@@ -83,13 +94,15 @@ def parse_submissions(log: str) -> list[SubmittedJob]:
     for line in log.splitlines():
         header = re.match(r"^(local)?rule (\w+):$", line.strip())
         if header:
-            current = {"rule": header.group(2), "local": bool(header.group(1)), "threads": 1}
+            current = {"rule": header.group(2), "threads": 1, "wildcards": ""}
             continue
         if current is None:
             continue
         stripped = line.strip()
         if stripped.startswith("jobid:"):
             blocks[stripped.split()[1]] = current
+        elif stripped.startswith("wildcards:"):
+            current["wildcards"] = stripped[len("wildcards:") :].strip()
         elif stripped.startswith("threads:"):
             current["threads"] = int(stripped.split()[1])
         elif stripped.startswith("resources:"):
@@ -103,7 +116,12 @@ def parse_submissions(log: str) -> list[SubmittedJob]:
     jobs = []
     for sm_id, slurm_id in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log):
         b = blocks[sm_id]
-        jobs.append(SubmittedJob(b["rule"], slurm_id, b["mem_mb"], b["gpu"], b["gpu_model"], b["threads"]))
+        jobs.append(
+            SubmittedJob(
+                **{k: b[k] for k in ("rule", "mem_mb", "gpu", "gpu_model", "threads", "wildcards")},
+                slurm_id=slurm_id,
+            )
+        )
     return jobs
 
 
@@ -188,7 +206,14 @@ def snakemake(workdir: Path, *extra: str) -> Run:
         sys.executable, "-m", "snakemake", "--profile", "slurm", "--profile", ".test-profile",
         *TARGETS, "--configfile", CONFIG, *extra,
     ]  # fmt: skip
-    env = dict(os.environ, SLURM_ACCOUNT=ACCOUNT, DENOISEROTATOR_GPU_MODEL=GPU_MODEL)
+    # the test config computes on the CPU; the profile then still requests one (fake) GPU per
+    # GPU rule, so GPU scheduling is what gets tested
+    env = dict(
+        os.environ,
+        SLURM_ACCOUNT=ACCOUNT,
+        DENOISEROTATOR_GPU_MODEL=GPU_MODEL,
+        DENOISEROTATOR_SLURM_TEST_GPUS="1",
+    )
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode in (124, 137):
@@ -203,6 +228,7 @@ def first_run(workdir: Path) -> Run:
     return run
 
 
+@pytest.mark.slurm
 def test_jobs_ran_with_declared_resources(first_run: Run) -> None:
     jobs = first_run.jobs
     assert jobs, "nothing was submitted to SLURM:\n" + first_run.log[-4000:]
@@ -229,6 +255,7 @@ def test_jobs_ran_with_declared_resources(first_run: Run) -> None:
                     assert int(tres.get(f"gres/gpu:{GPU_MODEL}", 0)) == job.gpu, f"{where}: {rec[column]}"
 
 
+@pytest.mark.slurm
 def test_second_invocation_submits_nothing(workdir: Path, first_run: Run) -> None:
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     time.sleep(1)
@@ -239,16 +266,57 @@ def test_second_invocation_submits_nothing(workdir: Path, first_run: Run) -> Non
     assert account_job_count(since) == 0
 
 
+@pytest.mark.slurm
 def test_changed_parameter_resubmits_only_affected_jobs(workdir: Path, first_run: Run) -> None:
+    expected = sorted(job_key(j) for j in first_run.jobs if affected_by_change(j))
+    unaffected = [j for j in first_run.jobs if not affected_by_change(j)]
+    assert expected and unaffected, "the change must split the tiny workflow's jobs"
     run = snakemake(workdir, "--configfile", CONFIG, ".change.yaml")
     assert run.returncode == 0, run.log[-8000:]
-    rules = {j.rule for j in run.jobs}
-    assert rules == RULES_AFFECTED_BY_CHANGE, f"resubmitted {sorted(rules)}\n{run.log[-4000:]}"
-    # no more jobs of those rules than in the first run (a smaller part of the same DAG)
-    first = [j for j in first_run.jobs if j.rule in rules]
-    assert 0 < len(run.jobs) <= len(first)
+    got = sorted(job_key(j) for j in run.jobs)
+    extra = [k for k in got if k not in expected]
+    missing = [k for k in expected if k not in got]
+    assert got == expected, f"resubmitted but unaffected: {extra}\nnot resubmitted: {missing}"
+    # the rotated rows really are new ones (new settings hash), not the old paths again
+    old_hashes = {h for j in first_run.jobs for h in ROTATION_HASH.findall(j.wildcards)}
+    new_hashes = {h for j in run.jobs for h in ROTATION_HASH.findall(j.wildcards)}
+    assert new_hashes and not new_hashes & old_hashes
     records = sacct([j.slurm_id for j in run.jobs])
     assert all(records[j.slurm_id]["State"] == "COMPLETED" for j in run.jobs), records
     # and after that, nothing is left to do again
     again = snakemake(workdir, "--configfile", CONFIG, ".change.yaml")
     assert again.returncode == 0 and again.jobs == [], again.log[-4000:]
+
+
+def _profile(**env: str) -> dict:
+    import yte
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with open(ROOT / "profiles" / "slurm" / "profile.yaml") as f:
+            return yte.process_yaml(f, require_use_yte=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_profile_gives_every_gpu_rule_the_gpu_model() -> None:
+    """Runs in `make test`: the profile's GPU rule list must follow renames in the workflow."""
+    gpu_rules = set()
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=rule |localrule )", smk.read_text(), flags=re.M):
+            name = re.match(r"(?:local)?rule (\w+):", block)
+            if name and re.search(r"^\s+gpu\s*=", block, flags=re.M):
+                gpu_rules.add(name.group(1))
+    assert gpu_rules, "no rule declares a gpu resource"
+    profile = _profile(DENOISEROTATOR_GPU_MODEL="a100", SLURM_ACCOUNT="acct", SLURM_PARTITION="")
+    assert set(profile["set-resources"]) == gpu_rules
+    assert all(r == {"gpu_model": "a100"} for r in profile["set-resources"].values())
+    assert profile["default-resources"]["slurm_account"] == "acct"
+    assert profile["default-resources"]["slurm_partition"] is None
+    assert profile["executor"] == "slurm"
+    assert (ROOT / "slurm").resolve() == (ROOT / "profiles" / "slurm").resolve()

@@ -9,7 +9,7 @@
 #
 # Environment:
 #   PYTHON                 interpreter with the package + snakemake (default: .venv/bin/python)
-#   SLURM_TEST_TIMEOUT     seconds for the whole pytest run (default 900)
+#   SLURM_TEST_TIMEOUT     seconds for the whole pytest run (default 1800)
 #   KEEP_SLURM=1           leave the cluster running afterwards (to inspect sacct, logs)
 #   PYTEST_ARGS            extra pytest arguments (e.g. "-k second_run")
 
@@ -18,7 +18,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-TIMEOUT=${SLURM_TEST_TIMEOUT:-900}
+TIMEOUT=${SLURM_TEST_TIMEOUT:-1800}
 # the account the start script creates and the profile reads from the environment
 export SLURM_ACCOUNT=${SLURM_TEST_ACCOUNT:-pruning}
 export SLURM_ACCOUNTS=$SLURM_ACCOUNT
