@@ -3,6 +3,7 @@
 # make lint   - ruff + snakemake --lint
 # make test-slurm - the tiny workflow through a local single-node SLURM cluster
 #
+# Targets go before --configfile: it takes every following word as a config file.
 # The CPU environment lives in .venv; it is created on first use (a stamp file keeps later
 # calls cheap) from envs/cpu-requirements.txt, which pins the CPU build of torch.
 
@@ -25,7 +26,7 @@ $(STAMP): envs/cpu-requirements.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(SNAKEMAKE) --cores $(DEMO_CORES) --configfile config/demo.yaml results/tables/main.csv
+	$(SNAKEMAKE) results/tables/main.csv --cores $(DEMO_CORES) --configfile config/demo.yaml
 	@$(MAKE) --no-print-directory results/report.html
 	@echo
 	@echo "Table:  $(CURDIR)/results/tables/main.csv (also main.parquet, main.md with the settings)"
@@ -34,7 +35,7 @@ demo: $(STAMP)
 
 # rebuilt only when the table changed
 results/report.html: results/tables/main.csv
-	$(SNAKEMAKE) --cores 1 --configfile config/demo.yaml --report $@ results/tables/main.csv
+	$(SNAKEMAKE) results/tables/main.csv --cores 1 --report $@ --configfile config/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

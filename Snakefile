@@ -1,5 +1,5 @@
 # DenoiseRotator: calibrate -> rotate+prune -> (LoRA) -> evaluate -> tables.
-#   snakemake --cores 2 --configfile config/demo.yaml results/tables/main.csv   (the embedded demo)
+#   snakemake results/tables/main.csv --cores 2 --configfile config/demo.yaml   (the embedded demo)
 #   snakemake --profile slurm results/tables/main.csv                           (the paper grid)
 # Settings: config/README.md. Rules: workflow/rules/. The numerics live in src/denoiserotator.
 

@@ -69,7 +69,9 @@ def _overlay(workdir: Path, name: str, payload: dict) -> str:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test workflow, run once for real."""
     dest = _copy_workflow(tmp_path_factory.mktemp("workflow"))
-    proc = snakemake(dest, "--cores", "2", "--configfile", "config/test.yaml", timeout=RUN_TIMEOUT_S)
+    # gpu=2: the test config requests a GPU per job (for the SLURM test); here two run side by side
+    proc = snakemake(dest, "all", "--cores", "2", "--resources", "gpu=2", "--configfile", "config/test.yaml",
+                     timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
     return dest
 
@@ -141,7 +143,7 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_plans_exactly_the_demo_grid(fresh: Path) -> None:
-    counts, outputs = dry_run(fresh, "--configfile", "config/demo.yaml", "results/tables/main.csv")
+    counts, outputs = dry_run(fresh, "results/tables/main.csv", "--configfile", "config/demo.yaml")
     # dense + 3 pruners x 2 patterns x 2 rotations + rotation-only + 1 LoRA row = 15 rows
     assert counts["prune"] == 13 and counts["finetune"] == 1
     assert counts["perplexity"] == counts["zeroshot"] == counts["sparsity"] == 15
@@ -156,7 +158,8 @@ def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     assert proc.returncode == 0, log[-4000:]
     counts, outputs = dry_run(fresh, "results/tables/main.csv")
     assert counts["fetch_model"] == 7 and counts["prune"] == 7 * 13
-    assert counts["perplexity"] == 7 * 13 * 2 and counts["zeroshot"] == 7 * 13
+    # 14 rows per model: dense, 12 pruned, rotation-only
+    assert counts["perplexity"] == 7 * 14 * 2 and counts["zeroshot"] == 7 * 14
     prune_jobs = [block for block in log.split("\n\n") if re.search(r"^rule prune:", block.strip(), re.M)]
     assert prune_jobs and all("gpu=1" in block for block in prune_jobs)
 
