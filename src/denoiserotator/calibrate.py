@@ -10,13 +10,12 @@ Writes ``x.pt`` (``{"input_ids", "meta"}``, read with ``denoiserotator.data.load
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from denoiserotator.data import calibration_ids, save_calibration
+from denoiserotator.jsonio import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,10 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                                 mode=args.mode, with_meta=True)
     meta["model"] = str(args.model)
     meta = save_calibration(args.out, ids, meta)
-    sidecar = args.out.with_suffix(".json")
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, sidecar)
+    write_json(args.out.with_suffix(".json"), meta)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ never trained.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from .adapters import LINEAR_NAMES, get_adapter
 from .export import load_model, measured_sparsity, read_metadata, save_model, unwrap_model
+from .jsonio import write_json
 from .modeling_denoiserotator import get_boundary_rotations
 
 DEFAULT_TARGETS: tuple[str, ...] = (
@@ -269,11 +268,6 @@ def training_ids(
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     metadata = {key: value for key, value in read_metadata(args.model).items() if key != "export"}
     metadata["finetune"] = {key: value for key, value in stats.items() if key != "train_loss"}
     save_model(model, tokenizer, args.out, metadata=metadata)
-    _write_json(args.stats, stats)
+    write_json(args.stats, stats)
 
 
 if __name__ == "__main__":

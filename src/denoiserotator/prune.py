@@ -14,7 +14,7 @@ from typing import Any
 
 from .data import load_calibration
 from .export import load_model, measured_sparsity, save_model
-from .locations import write_json
+from .jsonio import write_json
 from .pipeline import DTYPES, PruneSettings, run_pipeline, settings_dict
 from .pruners import PRUNERS
 from .rotation.loss import SCORES

@@ -16,12 +16,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .jsonio import write_json as write_json_atomic  # the name the workflow script uses
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ DENSE_MATCH_RTOL = 1e-3
 # files
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def _replace_atomic(path: Path, write) -> None:

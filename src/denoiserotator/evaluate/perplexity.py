@@ -8,9 +8,7 @@ sequence length is always explicit, never taken from ``max_position_embeddings``
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from denoiserotator.data import perplexity_ids
     from denoiserotator.export import load_model
+    from denoiserotator.jsonio import write_json
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     ids, meta = perplexity_ids(tokenizer, args.dataset, args.seqlen, with_meta=True)
@@ -77,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                         device=args.device)
     result.update(dataset=args.dataset, bos=meta["bos"], stream_tokens=meta["tokens"], join=meta["join"],
                   documents=meta["documents"], model=str(args.model), max_windows=args.max_windows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(f"ppl {result['ppl']:.4f} over {result['windows']} windows of {args.seqlen}", file=sys.stderr)
 
 

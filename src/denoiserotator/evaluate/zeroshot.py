@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from denoiserotator.assets import LOCAL_TASK_PREFIX
+from denoiserotator.jsonio import write_json
 
 TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 METRICS: dict[str, str] = {
@@ -131,11 +131,6 @@ def _package_version() -> str:
     return version("lm_eval")
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     result = zeroshot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                       task_dir=args.task_dir, device=args.device)
     result["model"] = str(args.model)
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
                      | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)
 
