@@ -30,6 +30,7 @@ from .adapters import LINEAR_NAMES, get_adapter
 from .export import load_model, measured_sparsity, read_metadata, save_model, unwrap_model
 from .jsonio import write_json
 from .modeling_denoiserotator import get_boundary_rotations
+from .pipeline import DTYPES
 
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -265,7 +266,6 @@ def training_ids(
     return ids, meta
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,
     )
-    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     ids, data_meta = training_ids(args.train, tokenizer, settings.n_sequences, settings.seqlen, settings.seed)
     model, stats = lora_finetune(model, ids, settings)
     stats.update(model=str(args.model), train=data_meta, dtype=args.dtype)
