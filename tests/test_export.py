@@ -103,8 +103,14 @@ def test_hook_handles_hidden_states_passed_by_keyword() -> None:
     expected, positional, keyword = (
         x[0] if isinstance(x, tuple) else x for x in (expected, positional, keyword)
     )
-    assert torch.equal(positional, expected)
-    assert torch.equal(keyword, expected)
+    # The hook rotates through the boundary module (F.linear with the transposed matrix), the
+    # expectation through `h @ matrix`: two fp32 matmul paths whose summation order depends on
+    # the BLAS kernel and the thread count, so they agree to fp32 rounding, not bit for bit.
+    fp32 = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(positional, expected, **fp32)
+    torch.testing.assert_close(keyword, expected, **fp32)
+    # Positional and keyword calls run the same computation: those must agree exactly.
+    assert torch.equal(positional, keyword)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
