@@ -11,8 +11,9 @@ import torch
 from denoiserotator.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.data import save_calibration
 from denoiserotator.export import load_model, measured_sparsity, read_metadata, save_model
-from denoiserotator.finetune import LoraSettings, lora_finetune, main, training_ids
+from denoiserotator.finetune import lora_finetune, main, training_ids
 from denoiserotator.modeling_denoiserotator import attach_boundary_rotations, get_boundary_rotations
+from denoiserotator.settings import LoraSettings
 from denoiserotator.testing import tiny_model, tiny_tokenizer
 
 
@@ -63,7 +64,7 @@ def test_lora_keeps_the_exact_mask_and_boundaries_and_lowers_the_loss(family: st
     loss_before = loss_on(model, ids)
 
     settings = LoraSettings(
-        steps=25, batch_size=4, micro_batch_size=2, seqlen=24, warmup_steps=3, lr=1e-2, dropout=0.0, seed=0
+        steps=25, batch_size=4, micro_batch_size=2, warmup_steps=3, lr=1e-2, dropout=0.0, seed=0
     )
     merged, stats = lora_finetune(model, ids, settings, progress=False)
 
@@ -128,7 +129,7 @@ def test_cli_writes_a_masked_loadable_model_and_stats(tmp_path: Path) -> None:
         [
             "--model",
             str(source),
-            "--train",
+            "--source",
             str(ids_file),
             "--steps",
             "4",

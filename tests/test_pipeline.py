@@ -8,6 +8,7 @@ import torch
 from denoiserotator.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.engine import capture_layer_inputs, run_layer
 from denoiserotator.pipeline import PruneSettings, run_pipeline
+from denoiserotator.settings import PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import FAMILIES, tiny_model
 
 from .test_rotation import apply_boundary_hooks
@@ -43,9 +44,9 @@ def test_rotation_only_pipeline_keeps_the_function(family: str, merge: bool) -> 
     with torch.no_grad():
         expected = model(ids).logits
     settings = PruneSettings(
-        pruner="none", rotation="denoise", steps=15, loss_score="wanda", merge_boundaries=merge
+        pruner="none", pattern=None, rotation=RotationSettings(steps=15, loss_score="wanda")
     )
-    result = run_pipeline(model, ids, settings, progress=False)
+    result = run_pipeline(model, ids, settings, progress=False, merge_boundaries=merge)
     # The rotations really moved away from identity and lowered the loss.
     assert all(stat["entropy_after"] < stat["entropy_before"] for stat in result.layer_stats)
     assert all(not torch.allclose(q, torch.eye(q.shape[0])) for q in result.rotations)
@@ -70,7 +71,10 @@ def test_pipeline_prunes_every_linear_to_the_exact_pattern(pruner: str, pattern:
     model = tiny_model("qwen2", num_layers=2)
     ids = calibration(model)
     settings = PruneSettings(
-        pruner=pruner, pattern=pattern, rotation=rotation, steps=5, sparsegpt_blocksize=32
+        pruner=pruner,
+        pattern=pattern,
+        rotation=RotationSettings(steps=5) if rotation == "denoise" else None,
+        pruning=PruningSettings(sparsegpt_blocksize=32),
     )
     result = run_pipeline(model, ids, settings, progress=False)
     adapter = get_adapter(result.model)
@@ -93,21 +97,25 @@ def test_pipeline_is_deterministic() -> None:
     outputs = []
     for _ in range(2):
         model = tiny_model("llama", num_layers=2)
-        settings = PruneSettings(pruner="wanda", pattern="2:4", rotation="denoise", steps=5)
+        settings = PruneSettings(pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=5))
         result = run_pipeline(model, calibration(model), settings, progress=False)
         outputs.append(torch.cat([p.detach().flatten() for p in result.model.parameters()]))
     assert torch.equal(outputs[0], outputs[1])
 
 
 def test_bad_settings_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="unknown pruner"):
-        PruneSettings(pruner="obs").validate()
-    with pytest.raises(ValueError, match="dense"):
-        PruneSettings(pruner="none", rotation="none").validate()
+    with pytest.raises(SettingsError, match="unknown pruner"):
+        PruneSettings(pruner="obs")
+    with pytest.raises(SettingsError, match="dense"):
+        PruneSettings(pruner="none", rotation=None)
+    with pytest.raises(SettingsError, match="rotation.lr must be > 0"):
+        RotationSettings(lr=0)
+    with pytest.raises(SettingsError, match="rotation.betas"):
+        RotationSettings(betas=(0.9, 1.0))
 
 
 def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -> None:
-    settings = PruneSettings(pruner="wanda", pattern="50%", rotation="denoise", steps=4)
+    settings = PruneSettings(pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4))
     reference_model = tiny_model("mistral", num_layers=3)
     ids = calibration(reference_model)
     reference = run_pipeline(reference_model, ids, settings, progress=False)
@@ -141,7 +149,7 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
         s["entropy_after"] for s in reference.layer_stats
     ]
     # Other settings never pick up this checkpoint.
-    other = PruneSettings(pruner="wanda", pattern="2:4", rotation="denoise", steps=4)
+    other = PruneSettings(pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=4))
     fresh = run_pipeline(
         tiny_model("mistral", num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
     )

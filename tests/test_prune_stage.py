@@ -60,7 +60,7 @@ def test_pruned_rotated_stage_keeps_the_pattern_on_reload(
     out, stats = tmp_path / "pruned", tmp_path / "pruned.json"
     prune.main(
         ["--model", str(model_dir), "--calib", str(calib), "--pruner", "sparsegpt", "--pattern", "2:4",
-         "--rotation", "denoise", "--steps", "5", "--blocksize", "32",
+         "--rotation", "denoise", "--steps", "5", "--sparsegpt-blocksize", "32",
          "--out", str(out), "--stats", str(stats)]
     )  # fmt: skip
     model, _ = load_model(out)

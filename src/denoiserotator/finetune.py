@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +29,7 @@ from .adapters import LINEAR_NAMES, get_adapter
 from .export import load_model, measured_sparsity, read_metadata, save_model, unwrap_model
 from .jsonio import write_json
 from .modeling_denoiserotator import get_boundary_rotations
-from .pipeline import DTYPES
-
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8  # paper
-    alpha: int = 32  # paper
-    dropout: float = 0.1  # paper
-    lr: float = 2e-4  # paper
-    weight_decay: float = 1e-2  # paper
-    warmup_steps: int = 400  # paper
-    steps: int = 1024  # not stated: one pass over 4096 windows at batch 4
-    batch_size: int = 4  # not stated (sequences per optimiser step)
-    micro_batch_size: int | None = None  # gradient accumulation for memory; None = batch_size
-    seqlen: int = 2048  # paper
-    n_sequences: int = 4096  # paper: 4096 x 2048 tokens (used when the CLI draws windows from text)
-    max_grad_norm: float | None = 1.0  # not stated; the transformers Trainer default
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # not stated: all seven linears
-    gradient_checkpointing: bool = False
-    seed: int = 0
-
+from .settings import DTYPES, ComputeSettings, FinetuneDataSettings, LoraSettings
 
 # ----------------------------------------------------------------------------------------------
 # masks
@@ -154,10 +123,8 @@ def lora_finetune(
 
     if train_ids.ndim != 2 or len(train_ids) == 0:
         raise ValueError(f"train_ids must be (n, seqlen) with n > 0, got shape {tuple(train_ids.shape)}")
-    train_ids = train_ids[:, : settings.seqlen].long().cpu()
-    micro = settings.micro_batch_size or settings.batch_size
-    if settings.batch_size % micro:
-        raise ValueError("batch_size must be a multiple of micro_batch_size")
+    train_ids = train_ids.long().cpu()
+    micro = settings.micro_batch_size or settings.batch_size  # LoraSettings checks the multiple
 
     masks = _zero_masks(model)
     sparsity_before = measured_sparsity(model)
@@ -225,7 +192,7 @@ def lora_finetune(
             raise RuntimeError("a boundary rotation changed during fine-tuning")
 
     stats = {
-        "settings": {**asdict(settings), "target_modules": list(settings.target_modules)},
+        "settings": settings.to_dict(),
         "optimizer": "AdamW",
         "schedule": "linear with warm-up (transformers.get_linear_schedule_with_warmup)",
         "train_sequences": len(train_ids),
@@ -266,67 +233,40 @@ def training_ids(
     return ids, meta
 
 
-
-
+def finetune_stage(
+    model_dir: Path,
+    out: Path,
+    stats_path: Path,
+    settings: LoraSettings,
+    data: FinetuneDataSettings,
+    compute: ComputeSettings,
+) -> dict[str, Any]:
+    """LoRA-train the saved (pruned) folder `model_dir` on `data`, merge, re-apply the mask, and
+    write the folder `out` and the stats JSON `stats_path` (returned)."""
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=compute.resolved_device())
+    ids, data_meta = training_ids(data.source, tokenizer, data.n_sequences, data.seqlen, settings.seed)
+    model, stats = lora_finetune(model, ids, settings)
+    stats.update(model=str(model_dir), train=data_meta, dtype=compute.dtype)
+    metadata = {key: value for key, value in read_metadata(model_dir).items() if key != "export"}
+    metadata["finetune"] = {key: value for key, value in stats.items() if key != "train_loss"}
+    save_model(model, tokenizer, out, metadata=metadata)
+    write_json(stats_path, stats)
+    return stats
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = LoraSettings()
     parser = argparse.ArgumentParser(
         description="LoRA recovery fine-tuning of a saved (pruned) model; keeps its sparsity exactly."
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder written by export.save_model")
-    parser.add_argument(
-        "--train",
-        required=True,
-        help='token-id .pt file, or a text source ("wikitext2", "json:/path.jsonl", ...)',
-    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged, re-masked model")
     parser.add_argument("--stats", type=Path, required=True, help="JSON file for the fine-tuning stats")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--micro-batch-size", type=int, default=None)
-    parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
-    parser.add_argument("--n-sequences", type=int, default=defaults.n_sequences)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--r", type=int, default=defaults.r)
-    parser.add_argument("--alpha", type=int, default=defaults.alpha)
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
-    parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    LoraSettings.add_arguments(parser)
+    FinetuneDataSettings.add_arguments(parser)
+    ComputeSettings.add_arguments(parser, only=("device", "dtype"))
     args = parser.parse_args(argv)
-
-    settings = LoraSettings(
-        r=args.r,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        seqlen=args.seqlen,
-        n_sequences=args.n_sequences,
-        max_grad_norm=args.max_grad_norm,
-        target_modules=tuple(args.target_modules),
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-    )
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    ids, data_meta = training_ids(args.train, tokenizer, settings.n_sequences, settings.seqlen, settings.seed)
-    model, stats = lora_finetune(model, ids, settings)
-    stats.update(model=str(args.model), train=data_meta, dtype=args.dtype)
-    metadata = {key: value for key, value in read_metadata(args.model).items() if key != "export"}
-    metadata["finetune"] = {key: value for key, value in stats.items() if key != "train_loss"}
-    save_model(model, tokenizer, args.out, metadata=metadata)
-    write_json(args.stats, stats)
+    lora, data = LoraSettings.from_namespace(args), FinetuneDataSettings.from_namespace(args)
+    finetune_stage(args.model, args.out, args.stats, lora, data, ComputeSettings.from_namespace(args))
 
 
 if __name__ == "__main__":

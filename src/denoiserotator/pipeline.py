@@ -1,9 +1,14 @@
 """The sequential DenoiseRotator procedure (SPEC §5) and plain pruning through the same engine.
 
-For each decoder layer: fold norms → Gram matrices on the current inputs (outputs of the
-already rotated and pruned layers) → learn R1, R2 → fuse → prune in true-sequential groups,
-re-collecting Gram matrices on the rotated, partly pruned layer → outputs become the next
-layer's inputs. Activations are kept in the original basis between layers.
+For each decoder layer (`process_layer`):
+
+    fold norms → input statistics (Gram matrices on the current inputs, i.e. the outputs of the
+    already rotated and pruned layers) → learn R1, R2 → fuse → prune the input groups in
+    true-sequential order, re-collecting Gram matrices on the rotated, partly pruned layer →
+    propagate: the finished layer's outputs are the next layer's inputs.
+
+Activations are kept in the original basis between layers. `run_pipeline` loops over the layers;
+`LayerCheckpoint` lets a killed job resume after its last finished layer.
 """
 
 from __future__ import annotations
@@ -11,81 +16,90 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import LINEAR_NAMES, SEQUENTIAL_GROUPS, get_adapter
+from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
 from .engine import capture_layer_inputs, run_layer
 from .gram import collect_grams
-from .pruners import PRUNERS, parse_pattern, prune_weight
+from .pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
 from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
-from .rotation.loss import SCORES
-from .rotation.train import LayerProblem, RotationSettings, train_rotation
+from .rotation.train import LayerProblem, train_rotation
+from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
-
-@dataclass
+@dataclass(frozen=True)
 class PruneSettings:
-    pruner: str = "wanda"  # one of PRUNERS, or "none" (rotation only)
+    """What one rotate+prune job does: the grid's pruner and pattern plus the stage sections.
+
+    pruner: one of PRUNERS, or "none" (the rotation-only row). pattern: "50%", "2:4", any N:M
+    (None when nothing is pruned). rotation: the DenoiseRotator settings, or None for plain
+    pruning. Raises SettingsError (a ValueError) on a combination that cannot run.
+    """
+
+    pruner: str = "wanda"
     pattern: str | None = "50%"
-    rotation: Literal["none", "denoise"] = "denoise"
-    steps: int = 2000
-    lr: float = 0.01
-    clip: float = 1.0
-    loss_variant: Literal["paper", "reference"] = "paper"
-    loss_score: str | None = None  # score the rotation loss uses; defaults to the pruner's
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    batch_size: int = 8
-    sparsegpt_blocksize: int = 128
-    percdamp: float = 0.01
-    merge_boundaries: bool = True
+    rotation: RotationSettings | None = field(default_factory=RotationSettings)
+    pruning: PruningSettings = field(default_factory=PruningSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.pruner not in (*PRUNERS, "none"):
-            raise ValueError(f"unknown pruner {self.pruner!r}; choose from {', '.join((*PRUNERS, 'none'))}")
-        if self.rotation not in ("none", "denoise"):
-            raise ValueError(f"unknown rotation {self.rotation!r}; choose 'none' or 'denoise'")
-        if self.pruner == "none" and self.rotation == "none":
-            raise ValueError("nothing to do: pruner 'none' with rotation 'none' is the dense model")
+            raise SettingsError(
+                f"unknown pruner {self.pruner!r}; choose from {', '.join((*PRUNERS, 'none'))}"
+            )
+        if self.pruner == "none" and self.rotation is None:
+            raise SettingsError("nothing to do: pruner 'none' without rotation is the dense model")
         if self.pruner != "none":
             if self.pattern is None:
-                raise ValueError(f"pruner {self.pruner!r} needs a sparsity pattern")
+                raise SettingsError(f"pruner {self.pruner!r} needs a sparsity pattern")
             parse_pattern(self.pattern)
-        if self.rotation == "denoise" and self.resolved_loss_score not in SCORES:
-            raise ValueError(f"loss score {self.resolved_loss_score!r} not one of {SCORES}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError("rotation steps must be >= 0 and lr > 0")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PruneSettings:
+        """From the prune rule's params (`Experiment.prune_params`): config sections, whole."""
+        rotation = params.get("rotation")
+        return cls(
+            pruner=params["pruner"],
+            pattern=params["pattern"],
+            rotation=None if rotation is None else RotationSettings.from_mapping(rotation),
+            pruning=PruningSettings.from_mapping(params["pruning"]),
+            compute=ComputeSettings.from_mapping(params["compute"]),
+        )
 
     @property
-    def resolved_loss_score(self) -> str:
-        if self.loss_score:
-            return self.loss_score
-        return "wanda" if self.pruner == "none" else self.pruner
+    def sparsity_pattern(self) -> SparsityPattern | None:
+        return None if self.pruner == "none" else parse_pattern(self.pattern or "")
 
-    def rotation_settings(self) -> RotationSettings:
-        return RotationSettings(
-            steps=self.steps, lr=self.lr, clip=self.clip, variant=self.loss_variant, percdamp=self.percdamp
-        )
+    @property
+    def loss_score(self) -> str | None:
+        return None if self.rotation is None else self.rotation.score_for(self.pruner)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record of the job, stored with its outputs."""
+        pattern = self.sparsity_pattern
+        return {
+            "pruner": self.pruner,
+            "pattern": None if pattern is None else str(pattern),
+            "rotation": None
+            if self.rotation is None
+            else {**self.rotation.to_dict(), "loss_score": self.loss_score},
+            "pruning": self.pruning.to_dict(),
+            "compute": self.compute.to_dict(),
+        }
 
 
 @dataclass
@@ -103,24 +117,206 @@ def _divisor_at_most(total: int, limit: int) -> int:
     return max(d for d in range(1, min(total, max(limit, 1)) + 1) if total % d == 0)
 
 
-def _rotate(hidden: list[torch.Tensor], rotation: torch.Tensor | None) -> list[torch.Tensor]:
-    if rotation is None:
-        return list(hidden)
-    rotation = rotation.to(hidden[0].dtype)
-    return [batch @ rotation for batch in hidden]
+# ---------------------------------------------------------------------------------------------
+# the steps of one layer
 
 
 @torch.no_grad()
-def _grams_for(
+def input_statistics(
     layer: nn.Module,
-    names: tuple[str, ...],
     linears: dict[str, nn.Linear],
+    names: tuple[str, ...],
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
+    """Gram matrices H = Σ_t x_t x_tᵀ (in, in) of the inputs of `names`, running `hidden` through `layer`."""
     with collect_grams({name: linears[name] for name in names}) as accumulators:
         run_layer(layer, hidden, kwargs)
     return {name: acc.gram for name, acc in accumulators.items()}
+
+
+def learn_rotations(
+    view: LayerAdapter,
+    adapter: ModelAdapter,
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    settings: PruneSettings,
+    description: str,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """SPEC §3–4 on a norm-folded layer: returns R1 (d, d), the R2 blocks (n_kv, d_head, d_head)
+    and the training record. Magnitude needs no Gram matrices; the other scores take one per
+    input group (the group's inputs are shared)."""
+    assert settings.rotation is not None and settings.loss_score is not None
+    linears = view.linears()
+    first_of_group = tuple(group[0] for group in adapter.input_groups.values())
+    grams = (
+        {} if settings.loss_score == "magnitude"
+        else input_statistics(view.layer, linears, first_of_group, hidden, kwargs)
+    )  # fmt: skip
+    problem = LayerProblem.from_layer(
+        {name: linear.weight.data for name, linear in linears.items()},
+        grams,
+        settings.loss_score,  # type: ignore[arg-type]
+        adapter.num_heads,
+        adapter.num_kv_heads,
+        adapter.head_dim,
+        variant=settings.rotation.loss_variant,  # type: ignore[arg-type]
+        percdamp=settings.pruning.percdamp,
+    )
+    del grams  # the statistics in `problem` are all training needs
+    result = train_rotation(problem, settings.rotation, progress=progress, description=description)
+    return result.rotation, result.head_blocks, {**result.summary(), "loss_score": settings.loss_score}
+
+
+def prune_groups(
+    view: LayerAdapter,
+    adapter: ModelAdapter,
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    settings: PruneSettings,
+) -> dict[str, Any]:
+    """Prune the input groups in true-sequential order (SPEC §5.3), Gram matrices re-collected
+    before each group on the layer as it is now (rotated, earlier groups pruned). `hidden` is
+    in the layer's own basis. Returns the damping each linear used and its sparsity."""
+    pattern = settings.sparsity_pattern
+    assert pattern is not None
+    linears = view.linears()
+    damping: dict[str, float | None] = {}
+    for group in adapter.input_groups.values():
+        grams = (
+            {}
+            if settings.pruner == "magnitude"
+            else input_statistics(view.layer, linears, group, hidden, kwargs)
+        )
+        for name in group:
+            linear = linears[name]
+            pruned = prune_weight(
+                settings.pruner,
+                linear.weight.data,
+                grams.get(name),
+                pattern,
+                blocksize=settings.pruning.sparsegpt_blocksize,
+                percdamp=settings.pruning.percdamp,
+            )
+            linear.weight.data = pruned.weight.to(linear.weight.dtype)
+            damping[name] = pruned.damping
+    sparsity = {name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES}
+    return {"damping": damping, "sparsity": sparsity}
+
+
+def to_basis(hidden: list[torch.Tensor], r1: torch.Tensor | None) -> list[torch.Tensor]:
+    """Activations in the basis of a layer rotated by R1 (h·R1); unchanged without R1."""
+    if r1 is None:
+        return list(hidden)
+    r1 = r1.to(hidden[0].dtype)
+    return [batch @ r1 for batch in hidden]
+
+
+def propagate(
+    layer: nn.Module, r1: torch.Tensor | None, hidden: list[torch.Tensor], kwargs: dict[str, Any], index: int
+) -> list[torch.Tensor]:
+    """The finished layer's outputs in the original basis: the next layer's inputs.
+    Raises FloatingPointError on non-finite outputs."""
+    outputs = run_layer(RotatedLayer(layer, r1) if r1 is not None else layer, hidden, kwargs)
+    if not all(torch.isfinite(batch).all() for batch in outputs):
+        raise FloatingPointError(f"non-finite activations after layer {index}")
+    return outputs
+
+
+def process_layer(
+    adapter: ModelAdapter,
+    index: int,
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    settings: PruneSettings,
+    progress: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, Any]]:
+    """One layer of the method, in place: returns R1 (None without rotation), the next layer's
+    inputs and the layer's record."""
+    view = adapter.layer(index)
+    record: dict[str, Any] = {"layer": index}
+    r1: torch.Tensor | None = None
+    if settings.rotation is not None:
+        fold_layer_norms(view)
+        r1, r2_blocks, trained = learn_rotations(
+            view, adapter, hidden, kwargs, settings, f"layer {index} rotation", progress
+        )
+        fuse_layer_rotation(view, r1, r2_blocks, adapter.num_heads)
+        record.update(trained)
+    if settings.sparsity_pattern is not None:
+        record.update(prune_groups(view, adapter, to_basis(hidden, r1), kwargs, settings))
+    return r1, propagate(view.layer, r1, hidden, kwargs, index), record
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def run_pipeline(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    settings: PruneSettings,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    merge_boundaries: bool = True,
+) -> PipelineResult:
+    """Rotate (optionally) and prune (optionally) `model` in place, layer by layer (SPEC §5).
+
+    input_ids: (nsamples, seqlen) calibration token ids. The model stays on the host; one layer
+    at a time moves to `settings.compute`'s device in its dtype. With `checkpoint_dir`, every
+    finished layer is saved there and a rerun with the same settings and calibration resumes
+    after the last finished layer. merge_boundaries=False keeps the unmerged in-memory form
+    (each layer wrapped to rotate in and out by itself) instead of merged boundary matrices.
+    """
+    settings.validate()
+    started = time.perf_counter()
+    device = torch.device(settings.compute.resolved_device())
+    dtype = DTYPES[settings.compute.dtype]
+    adapter = get_adapter(model)
+    model.config.use_cache = False
+    batch_size = _divisor_at_most(input_ids.shape[0], settings.compute.prune_batch_size)
+    inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
+
+    checkpoint = (
+        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids)) if checkpoint_dir else None
+    )
+    rotations, stats, hidden = checkpoint.resume(adapter, dtype, device) if checkpoint else ([], [], None)
+    hidden = hidden if hidden is not None else inputs.hidden
+    show = progress and sys.stderr.isatty()
+    for index in tqdm(range(len(stats), adapter.num_layers), desc="layers", disable=not show):
+        layer_started = time.perf_counter()
+        adapter.layers[index] = adapter.layers[index].to(device=device, dtype=dtype)
+        r1, hidden, record = process_layer(
+            adapter, index, hidden, inputs.layer_kwargs[index], settings, progress
+        )
+        adapter.layers[index] = adapter.layers[index].to("cpu")
+        rotations.append(None if r1 is None else r1.to("cpu", torch.float32))
+        record["seconds"] = time.perf_counter() - layer_started
+        stats.append(record)
+        if checkpoint:
+            checkpoint.save(index, adapter.layers[index], rotations[-1], record, hidden)
+        log.info("layer %d: %s", index, {k: v for k, v in record.items() if k not in ("sparsity", "damping")})
+
+    model.to("cpu")
+    boundary, untied = None, False
+    if settings.rotation is not None:
+        boundary, untied = _place_rotations(adapter, rotations, merge_boundaries)
+    return PipelineResult(model, boundary, rotations, stats, untied, time.perf_counter() - started)
+
+
+def _place_rotations(
+    adapter: ModelAdapter, rotations: list[torch.Tensor | None], merge: bool
+) -> tuple[list[torch.Tensor | None] | None, bool]:
+    """Merged: one Q_{i-1}ᵀQ_i per boundary, Q_0 in the embedding, Q_{L-1}ᵀ in lm_head (tied
+    embeddings are untied; returns the boundaries and whether it untied). Unmerged: each layer
+    wrapped to rotate in and out by itself (returns None, False)."""
+    if not merge:
+        for index, rotation in enumerate(rotations):
+            adapter.layers[index] = RotatedLayer(adapter.layers[index], rotation)
+        return None, False
+    was_tied = adapter.tied_embeddings
+    return merge_boundary_rotations(adapter, rotations), was_tied
 
 
 class LayerCheckpoint:
@@ -165,6 +361,25 @@ class LayerCheckpoint:
     def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
         return [batch.to(device) for batch in torch.load(self.folder / "hidden.pt", weights_only=True)]
 
+    def resume(
+        self, adapter: ModelAdapter, dtype: torch.dtype, device: torch.device
+    ) -> tuple[list[torch.Tensor | None], list[dict[str, Any]], list[torch.Tensor] | None]:
+        """Restore the finished layers into `adapter`'s model: (R1 per finished layer, their
+        records, the next layer's inputs); empty lists and None when there is nothing to resume."""
+        done = self.done()
+        rotations: list[torch.Tensor | None] = []
+        stats: list[dict[str, Any]] = []
+        for index in range(done):
+            saved = self.load_layer(index)
+            adapter.layers[index] = adapter.layers[index].to(dtype=dtype)
+            adapter.layers[index].load_state_dict(saved["state"], strict=True)
+            rotations.append(saved["rotation"])
+            stats.append(saved["record"])
+        if not done:
+            return rotations, stats, None
+        log.info("resuming after layer %d from %s", done - 1, self.folder)
+        return rotations, stats, self.load_hidden(device)
+
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -176,148 +391,3 @@ def checkpoint_key(settings: PruneSettings, input_ids: torch.Tensor) -> str:
     digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
     digest.update(input_ids.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def run_pipeline(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    settings: PruneSettings,
-    progress: bool = True,
-    checkpoint_dir: Path | None = None,
-) -> PipelineResult:
-    """Rotate (optionally) and prune (optionally) `model` in place, layer by layer.
-
-    With `checkpoint_dir`, every finished layer is saved there and a rerun with the same
-    settings and calibration resumes after the last finished layer.
-    """
-    settings.validate()
-    started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    device = torch.device(settings.device)
-    dtype = DTYPES[settings.dtype]
-    adapter = get_adapter(model)
-    model.config.use_cache = False
-    pattern = parse_pattern(settings.pattern) if settings.pruner != "none" else None
-    rotate = settings.rotation == "denoise"
-    batch_size = _divisor_at_most(input_ids.shape[0], settings.batch_size)
-
-    inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
-    hidden = inputs.hidden
-    rotations: list[torch.Tensor | None] = []
-    stats: list[dict[str, Any]] = []
-    checkpoint = (
-        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids)) if checkpoint_dir else None
-    )
-    resume_from = checkpoint.done() if checkpoint else 0
-    for index in range(resume_from):
-        saved = checkpoint.load_layer(index)
-        layer = adapter.layers[index].to(dtype=dtype)
-        layer.load_state_dict(saved["state"], strict=True)
-        rotations.append(saved["rotation"])
-        stats.append(saved["record"])
-    if resume_from:
-        hidden = checkpoint.load_hidden(device)
-        log.info("resuming after layer %d from %s", resume_from - 1, checkpoint_dir)
-    show = progress and sys.stderr.isatty()
-    for index in tqdm(range(resume_from, adapter.num_layers), desc="layers", disable=not show):
-        layer_started = time.perf_counter()
-        layer = adapter.layers[index].to(device=device, dtype=dtype)
-        view = adapter.wrap_layer(layer)
-        linears = view.linears()
-        kwargs = inputs.layer_kwargs[index]
-        record: dict[str, Any] = {"layer": index}
-        rotation: torch.Tensor | None = None
-
-        if rotate:
-            fold_layer_norms(view)
-            score = settings.resolved_loss_score
-            grams = (
-                _grams_for(layer, ("q", "o", "gate", "down"), linears, hidden, kwargs)
-                if score != "magnitude"
-                else {}
-            )
-            problem = LayerProblem.from_layer(
-                {name: linear.weight.data for name, linear in linears.items()},
-                grams,
-                score,  # type: ignore[arg-type]
-                adapter.num_heads,
-                adapter.num_kv_heads,
-                adapter.head_dim,
-                variant=settings.loss_variant,
-                percdamp=settings.percdamp,
-            )
-            result = train_rotation(
-                problem,
-                settings.rotation_settings(),
-                progress=progress,
-                description=f"layer {index} rotation",
-            )
-            rotation = result.rotation.to(device)
-            fuse_layer_rotation(view, rotation, result.head_blocks.to(device), adapter.num_heads)
-            record.update(result.summary())
-            record["loss_score"] = score
-            del problem, grams
-
-        if pattern is not None:
-            rotated_hidden = _rotate(hidden, rotation)
-            damping: dict[str, float | None] = {}
-            for group in SEQUENTIAL_GROUPS:
-                grams = (
-                    _grams_for(layer, group, linears, rotated_hidden, kwargs)
-                    if settings.pruner != "magnitude"
-                    else {}
-                )
-                for name in group:
-                    linear = linears[name]
-                    pruned = prune_weight(
-                        settings.pruner,
-                        linear.weight.data,
-                        grams.get(name),
-                        pattern,
-                        blocksize=settings.sparsegpt_blocksize,
-                        percdamp=settings.percdamp,
-                    )
-                    linear.weight.data = pruned.weight.to(linear.weight.dtype)
-                    damping[name] = pruned.damping
-            record["damping"] = damping
-            record["sparsity"] = {
-                name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES
-            }
-
-        step_layer = RotatedLayer(layer, rotation) if rotation is not None else layer
-        hidden = run_layer(step_layer, hidden, kwargs)
-        if not all(torch.isfinite(batch).all() for batch in hidden):
-            raise FloatingPointError(f"non-finite activations after layer {index}")
-        adapter.layers[index] = layer.to("cpu")
-        rotations.append(None if rotation is None else rotation.to("cpu", torch.float32))
-        record["seconds"] = time.perf_counter() - layer_started
-        stats.append(record)
-        if checkpoint:
-            checkpoint.save(index, layer, rotations[-1], record, hidden)
-        log.info("layer %d: %s", index, {k: v for k, v in record.items() if k not in ("sparsity", "damping")})
-
-    model.to("cpu")
-    untied = False
-    boundary: list[torch.Tensor | None] | None = None
-    if rotate:
-        was_tied = adapter.tied_embeddings
-        if settings.merge_boundaries:
-            boundary = merge_boundary_rotations(adapter, rotations)
-            untied = was_tied
-        else:
-            # Unmerged in-memory form: each layer rotates in and out by itself.
-            for index, rotation in enumerate(rotations):
-                adapter.layers[index] = RotatedLayer(adapter.layers[index], rotation)
-    return PipelineResult(model, boundary, rotations, stats, untied, time.perf_counter() - started)
-
-
-def settings_dict(settings: PruneSettings) -> dict[str, Any]:
-    data = asdict(settings)
-    data["pattern"] = (
-        str(parse_pattern(settings.pattern)) if settings.pattern and settings.pruner != "none" else None
-    )
-    return data
-
-
-def mean_or_nan(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

@@ -27,7 +27,6 @@ from .jsonio import write_json as write_json_atomic  # the name the workflow scr
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["model", "pruner", "pattern", "rotation", "finetune"]
-TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 PAPER_TASK_KEYS = {"piqa": "piqa", "winogrande": "wg", "hellaswag": "hs", "arc_easy": "arce",
                    "arc_challenge": "arcc"}
 PAPER_PRUNERS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}

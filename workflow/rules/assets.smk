@@ -35,12 +35,12 @@ rule fetch_corpus:
 
 rule zeroshot_fixtures:
     input:
-        corpus=corpus_dir(),
+        corpus=EXP.corpus_dir(),
     output:
-        directory(fixtures_dir()),
+        directory(EXP.fixtures_dir()),
     params:
-        n_items=config["eval"]["zeroshot"]["fixture_items"],
-        seed=config["eval"]["zeroshot"]["fixture_seed"],
+        n_items=EXP.zeroshot.fixture_items,
+        seed=EXP.zeroshot.fixture_seed,
     log:
         "results/logs/zeroshot_fixtures.log",
     threads: 1

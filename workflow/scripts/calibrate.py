@@ -1,16 +1,16 @@
 """Calibration token ids with their sha256 (rule calibrate)."""
 
-import sys
+from pathlib import Path
 
-sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+from denoiserotator.logs import log_to
 
-from denoiserotator.calibrate import main  # noqa: E402
+log_to(snakemake.log[0])  # noqa: F821
 
-s = snakemake.params.settings  # noqa: F821
+from denoiserotator.calibrate import calibrate_stage  # noqa: E402
+from denoiserotator.settings import CalibrationSettings  # noqa: E402
+
 # writes the .pt atomically and the .json sidecar (meta incl. sha256) next to it
-main([
-    "--model", str(snakemake.input.model),  # noqa: F821
-    "--source", s["source"], "--nsamples", str(s["nsamples"]), "--seqlen", str(s["seqlen"]),
-    "--seed", str(s["seed"]), "--mode", s["mode"],
-    "--out", str(snakemake.output.ids),  # noqa: F821
-])  # fmt: skip
+calibrate_stage(
+    Path(snakemake.input.model), Path(snakemake.output.ids),  # noqa: F821
+    CalibrationSettings.from_mapping(snakemake.params.settings),  # noqa: F821
+)

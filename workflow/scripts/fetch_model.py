@@ -1,11 +1,11 @@
 """Fetch or build a model's dense HF folder (rule fetch_model)."""
 
 import logging
-import sys
 from pathlib import Path
 
-sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+from denoiserotator.logs import log_to
+
+log_to(snakemake.log[0])  # noqa: F821
 
 from denoiserotator.assets import materialise_model  # noqa: E402
 

@@ -1,11 +1,10 @@
 """Collect every row's results into main.csv/.parquet/.md and the plots (rule tables)."""
 
-import logging
-import sys
 from pathlib import Path
 
-sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+from denoiserotator.logs import log_to
+
+log_to(snakemake.log[0])  # noqa: F821
 
 from denoiserotator.tables import build_tables, write_json_atomic  # noqa: E402
 

@@ -1,9 +1,10 @@
 """Local zero-shot tasks built from held-out corpus text (rule zeroshot_fixtures)."""
 
-import sys
 from pathlib import Path
 
-sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+from denoiserotator.logs import log_to
+
+log_to(snakemake.log[0])  # noqa: F821
 
 from denoiserotator.assets import build_zeroshot_fixtures  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LINEAR_NAMES, SEQUENTIAL_GROUPS, LayerAdapter, ModelAdapter
+from .base import INPUT_GROUPS, LINEAR_NAMES, LayerAdapter, ModelAdapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
 from .qwen2 import Qwen2Adapter
@@ -41,8 +41,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "INPUT_GROUPS",
     "LINEAR_NAMES",
-    "SEQUENTIAL_GROUPS",
     "LayerAdapter",
     "ModelAdapter",
     "UnsupportedArchitectureError",

@@ -12,11 +12,16 @@ from typing import ClassVar
 
 from torch import nn
 
-LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-
-# True-sequential pruning order of SPEC §5: each group is pruned after re-collecting
-# the Gram matrices on the partly pruned layer.
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+# The linears that share one input, in the true-sequential order of SPEC §5. Pruning takes the
+# groups in this order, re-collecting the Gram matrices on the partly pruned layer before each;
+# the rotation loss takes one input statistic per group (SPEC §3).
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention_in": ("q", "k", "v"),
+    "attention_out": ("o",),
+    "mlp_in": ("gate", "up"),
+    "mlp_out": ("down",),
+}
+LINEAR_NAMES: tuple[str, ...] = tuple(name for group in INPUT_GROUPS.values() for name in group)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class ModelAdapter:
         "up": "mlp.up_proj",
         "down": "mlp.down_proj",
     }
+    input_groups: ClassVar[dict[str, tuple[str, ...]]] = INPUT_GROUPS
     input_norm_path: ClassVar[str] = "input_layernorm"
     post_attention_norm_path: ClassVar[str] = "post_attention_layernorm"
     layers_path: ClassVar[str] = "model.layers"

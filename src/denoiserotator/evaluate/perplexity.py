@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from denoiserotator.settings import DTYPES, ComputeSettings, PerplexitySettings
+
 
 @torch.inference_mode()
 def perplexity(
@@ -54,30 +56,37 @@ def perplexity(
             "seqlen": seqlen}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Perplexity in non-overlapping windows (remainder dropped).")
-    parser.add_argument("--model", type=Path, required=True, help="model folder")
-    parser.add_argument("--dataset", required=True,
-                        help="wikitext2 | wikitext2-local:DIR | c4 | c4-local:DIR | json:FILE | text:FILE")
-    parser.add_argument("--seqlen", type=int, required=True)
-    parser.add_argument("--max-windows", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
-    args = parser.parse_args(argv)
+def perplexity_stage(
+    model_dir: Path, out: Path, settings: PerplexitySettings, compute: ComputeSettings
+) -> dict[str, Any]:
+    """Perplexity of the model folder `model_dir` on one set, loaded in `compute.dtype` on
+    `compute`'s device; writes the result JSON `out` and returns it."""
     from denoiserotator.data import perplexity_ids
     from denoiserotator.export import load_model
     from denoiserotator.jsonio import write_json
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    ids, meta = perplexity_ids(tokenizer, args.dataset, args.seqlen, with_meta=True)
-    result = perplexity(model, ids, args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
-                        device=args.device)
-    result.update(dataset=args.dataset, bos=meta["bos"], stream_tokens=meta["tokens"], join=meta["join"],
-                  documents=meta["documents"], model=str(args.model), max_windows=args.max_windows)
-    write_json(args.out, result)
-    print(f"ppl {result['ppl']:.4f} over {result['windows']} windows of {args.seqlen}", file=sys.stderr)
+    device = compute.resolved_device()
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
+    ids, meta = perplexity_ids(tokenizer, settings.dataset, settings.seqlen, with_meta=True)
+    result = perplexity(model, ids, settings.seqlen, max_windows=settings.max_windows,
+                        batch_size=compute.eval_batch_size, device=device)  # fmt: skip
+    result.update(dataset=settings.dataset, bos=meta["bos"], stream_tokens=meta["tokens"], join=meta["join"],
+                  documents=meta["documents"], model=str(model_dir), max_windows=settings.max_windows,
+                  dtype=compute.dtype)  # fmt: skip
+    write_json(out, result)
+    print(f"ppl {result['ppl']:.4f} over {result['windows']} windows of {settings.seqlen}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Perplexity in non-overlapping windows (remainder dropped).")
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    PerplexitySettings.add_arguments(parser, only=("dataset", "seqlen", "max_windows"))
+    ComputeSettings.add_arguments(parser, only=("device", "dtype", "eval_batch_size"))
+    args = parser.parse_args(argv)
+    perplexity_stage(args.model, args.out, PerplexitySettings.from_namespace(args),
+                     ComputeSettings.from_namespace(args))  # fmt: skip
 
 
 if __name__ == "__main__":

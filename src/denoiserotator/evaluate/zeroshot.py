@@ -21,8 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from denoiserotator.assets import LOCAL_TASK_PREFIX
 from denoiserotator.jsonio import write_json
+from denoiserotator.settings import DTYPES, ComputeSettings, ZeroshotSettings
+from denoiserotator.settings import ZEROSHOT_TASKS as TASKS
 
-TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 METRICS: dict[str, str] = {
     "piqa": "acc_norm",
     "winogrande": "acc",
@@ -133,31 +134,42 @@ def _package_version() -> str:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Zero-shot accuracy with lm-eval (0-shot).")
-    parser.add_argument("--model", type=Path, required=True, help="model folder (HF format)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, default: all five")
-    parser.add_argument("--task-dir", type=Path, default=None,
-                        help="local fixtures from `python -m denoiserotator.assets zeroshot-fixtures` "
-                             "(default: the hub tasks)")
-    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
-    args = parser.parse_args(argv)
+def zeroshot_stage(
+    model_dir: Path,
+    out: Path,
+    settings: ZeroshotSettings,
+    compute: ComputeSettings,
+    task_dir: Path | None = None,
+) -> dict[str, Any]:
+    """lm-eval zero-shot of the model folder `model_dir` (in `compute.dtype`); with `task_dir`,
+    the local fixtures instead of the hub tasks. Writes the result JSON `out` and returns it."""
     from denoiserotator.export import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = zeroshot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                      task_dir=args.task_dir, device=args.device)
-    result["model"] = str(args.model)
-    write_json(args.out, result)
+    device = compute.resolved_device()
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
+    result = zeroshot(model, tokenizer, list(settings.tasks), limit=settings.limit,
+                      batch_size=settings.batch_size, task_dir=task_dir, device=device)  # fmt: skip
+    result.update(model=str(model_dir), dtype=compute.dtype)
+    write_json(out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
-                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)
+                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Zero-shot accuracy with lm-eval (0-shot).")
+    parser.add_argument("--model", type=Path, required=True, help="model folder (HF format)")
+    parser.add_argument("--task-dir", type=Path, default=None,
+                        help="local fixtures from `python -m denoiserotator.assets zeroshot-fixtures` "
+                             "(default: the hub tasks)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    ZeroshotSettings.add_arguments(parser, only=("tasks", "limit", "batch_size"))
+    ComputeSettings.add_arguments(parser, only=("device", "dtype"))
+    args = parser.parse_args(argv)
+    settings, compute = ZeroshotSettings.from_namespace(args), ComputeSettings.from_namespace(args)
+    zeroshot_stage(args.model, args.out, settings, compute, task_dir=args.task_dir)
 
 
 if __name__ == "__main__":

@@ -11,32 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..settings import RotationSettings
 from .fuse import block_diag, expand_kv_blocks
 from .loss import InputStatistic, LossVariant, ScoreName, linear_entropy
 
 log = logging.getLogger(__name__)
-
-# Which input statistic each linear's score uses.
-INPUT_OF: dict[str, str] = {
-    "q": "attn",
-    "k": "attn",
-    "v": "attn",
-    "o": "o",
-    "gate": "mlp",
-    "up": "mlp",
-    "down": "down",
-}
-
-
-@dataclass(frozen=True)
-class RotationSettings:
-    steps: int = 2000
-    lr: float = 0.01
-    clip: float = 1.0
-    variant: LossVariant = "paper"
-    percdamp: float = 0.01
-    learn_head_rotations: bool = True
-
 
 @dataclass
 class LayerProblem:
@@ -146,9 +125,9 @@ def train_rotation(
     start = time.perf_counter()
     identity_rotation, identity_blocks = problem.identity()
     free_rotation = identity_rotation.clone().requires_grad_(True)
-    free_blocks = identity_blocks.clone().requires_grad_(settings.learn_head_rotations)
-    parameters = [free_rotation] + ([free_blocks] if settings.learn_head_rotations else [])
-    optimizer = torch.optim.Adam(parameters, lr=settings.lr)
+    free_blocks = identity_blocks.clone().requires_grad_(settings.learn_r2)
+    parameters = [free_rotation] + ([free_blocks] if settings.learn_r2 else [])
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
 
     best_loss = float("inf")
     best = (identity_rotation, identity_blocks)
@@ -165,7 +144,7 @@ def train_rotation(
     for step in bar:
         rotation = orthogonal_from(free_rotation)
         blocks = orthogonal_from(free_blocks)
-        loss = layer_loss(problem, rotation, blocks, settings.variant)
+        loss = layer_loss(problem, rotation, blocks, settings.loss_variant)  # type: ignore[arg-type]
         value = float(loss.detach())
         trace.append(value)
         if not math.isfinite(value):

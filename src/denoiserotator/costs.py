@@ -1,0 +1,68 @@
+"""What each rule asks the cluster for: host memory, time, GPUs and threads, from the model's size.
+
+The stages keep the whole model on the host in its dtype (4 bytes per parameter in float32, 2
+in bfloat16) and move one decoder layer at a time to the GPU; the prune stage also holds the
+calibration activations (three copies of nsamples × seqlen × hidden, hidden ≤ 8192). Rotation
+time follows the paper's 0.124 s per step per layer on an A100 for an 8B model, scaled linearly
+with size, with a 1.5× margin. A model entry's `resources` block overrides any value per step;
+every value doubles with each retry (`attempt`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .experiment import Experiment
+
+# Host memory per parameter-GB of the model, by stage: what each holds besides the weights.
+MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5}
+DEFAULT_MEMORY_FACTOR = 1.2
+SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers)
+CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
+
+
+def _override(exp: Experiment, model: str, step: str, key: str) -> Any:
+    return exp.models[model]["resources"].get(step, {}).get(key)
+
+
+def uses_gpu(exp: Experiment) -> bool:
+    return exp.compute.device.startswith("cuda") or exp.compute.gpus > 0
+
+
+def threads(exp: Experiment, model: str, step: str) -> int:
+    return _override(exp, model, step, "threads") or exp.compute.threads
+
+
+def gpus(exp: Experiment, model: str, step: str) -> int:
+    value = _override(exp, model, step, "gpu")
+    return value if value is not None else exp.compute.gpus
+
+
+def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
+    """Host memory in MB: weights × the stage's factor + calibration activations (prune) + 3 GB."""
+    value = _override(exp, model, step, "mem_mb")
+    if value:
+        return value * attempt
+    entry = exp.models[model]
+    weights_gb = entry["params_b"] * (4.0 if exp.model_dtype(model) == "float32" else 2.0)
+    calib = exp.calibration
+    activations_gb = calib.nsamples * calib.seqlen * 8192 * 4 * 3 / 1e9 if step == "prune" else 0.0
+    factor = MEMORY_FACTOR.get(step, DEFAULT_MEMORY_FACTOR)
+    return int(1024 * (weights_gb * factor + min(activations_gb, 64.0) + 3.0)) * attempt
+
+
+def runtime(exp: Experiment, model: str, step: str, rotated: bool = False, attempt: int = 1) -> int:
+    """Minutes: 20 + 6 per billion parameters, plus rotation training (rotated prune jobs) or
+    LoRA steps (finetune); × CPU_SLOWDOWN without a GPU."""
+    value = _override(exp, model, step, "runtime")
+    if value:
+        return value * attempt
+    size = exp.models[model]["params_b"]
+    minutes = 20 + 6 * size
+    if step == "prune" and rotated:
+        minutes += 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
+    elif step == "finetune":
+        minutes += 10 * size * exp.lora.steps / 1024
+    if not uses_gpu(exp):
+        minutes *= CPU_SLOWDOWN
+    return int(minutes) * attempt

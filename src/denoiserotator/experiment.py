@@ -1,0 +1,289 @@
+"""The experiment grid of a validated config: rows, output paths and their ids. No Snakemake.
+
+A row of the table is (model, pruner, pattern, rotation, finetune). Every output path carries a
+short hash of exactly the settings that determine it (config/README.md, "Output paths carry their
+settings"), so a changed setting creates new paths for what depends on it and nothing else:
+
+    results/models/<model>/c-<calibration id>/<pruner>_<pattern>_<none|dr-<rotation id>>/hf
+    results/models/<model>/c-<calibration id>/none_dense_dr-<rotation id>/hf     (rotation only)
+    results/models/<...variant...>/lora-<LoRA id>/hf
+    results/eval/<row path>/{ppl-<set>-<id>,zeroshot-<id>,sparsity}.json
+
+`Experiment` turns a config (after `snakemake.utils.validate`, or a plain dict with the same
+keys) into those paths and into the settings objects each stage receives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .pruners import PRUNERS, parse_pattern
+from .settings import (
+    CalibrationSettings,
+    ComputeSettings,
+    FinetuneDataSettings,
+    LoraSettings,
+    PerplexitySettings,
+    PruningSettings,
+    RotationSettings,
+    ZeroshotSettings,
+    short_hash,
+)
+
+__all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
+
+_PRUNER_RE = "|".join(PRUNERS)
+VARIANT_RE = rf"({_PRUNER_RE})_([0-9]+pct|[0-9]+-[0-9]+)_(none|dr-[0-9a-f]{{8}})|none_dense_dr-[0-9a-f]{{8}}"
+ROW_RE = rf"[a-z0-9][a-z0-9.-]*/(dense|c-[0-9a-f]{{8}}/({VARIANT_RE})(/lora-[0-9a-f]{{8}})?)"
+
+
+def pattern_slug(pattern: str) -> str:
+    """'50%' -> '50pct', '2:4' -> '2-4' (file-name safe, reversible)."""
+    return str(parse_pattern(pattern)).replace("%", "pct").replace(":", "-")
+
+
+def pattern_from_slug(slug: str) -> str:
+    return slug.replace("pct", "%").replace("-", ":")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table and where its files live.
+
+    pruner "none" with rotation "none" is the dense row, with rotation "denoise" the
+    rotation-only row (pattern "dense" for both). `calib`, `variant` and `lora` are the path
+    components carrying the ids (None for the dense row / rows without LoRA).
+    """
+
+    model: str
+    pruner: str
+    pattern: str
+    rotation: str
+    finetune: str = "none"
+    calib: str | None = None
+    variant: str | None = None
+    lora: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.variant is None:
+            return f"{self.model}/dense"
+        path = f"{self.model}/{self.calib}/{self.variant}"
+        return f"{path}/{self.lora}" if self.lora else path
+
+    @property
+    def prune_dir(self) -> str | None:
+        """The prune stage's folder (holding hf/ and stats.json); None for the dense row."""
+        return None if self.variant is None else f"results/models/{self.model}/{self.calib}/{self.variant}"
+
+    def key(self) -> dict[str, str]:
+        return {"model": self.model, "pruner": self.pruner, "pattern": self.pattern,
+                "rotation": self.rotation, "finetune": self.finetune}  # fmt: skip
+
+    @classmethod
+    def from_path(cls, path: str) -> Row:
+        """Inverse of `path`; raises ValueError for a path no row can have."""
+        if not re.fullmatch(ROW_RE, path):
+            raise ValueError(f"{path!r} is not a row path ({ROW_RE})")
+        parts = path.split("/")
+        model = parts[0]
+        if parts[1] == "dense":
+            return cls(model, "none", "dense", "none")
+        calib, variant = parts[1], parts[2]
+        lora = parts[3] if len(parts) > 3 else None
+        pruner, pslug, rslug = variant.split("_", 2)
+        pattern = "dense" if pruner == "none" else pattern_from_slug(pslug)
+        rotation = "none" if rslug == "none" else "denoise"
+        return cls(model, pruner, pattern, rotation, "lora" if lora else "none", calib, variant, lora)
+
+
+class Experiment:
+    """A validated config as settings objects, grid rows and output paths.
+
+    `config` has the keys of workflow/schemas/config.schema.yaml (with its defaults filled in).
+    Raises ValueError on duplicate model slugs or perplexity set names.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.resources_dir = str(Path(config["resources_dir"]))
+        self.models: dict[str, dict[str, Any]] = {m["slug"]: m for m in config["models"]}
+        if len(self.models) != len(config["models"]):
+            raise ValueError("config: model slugs must be unique")
+        self.calibration = CalibrationSettings.from_mapping(config["calibration"])
+        self.rotation = RotationSettings.from_mapping(config["rotation"])
+        self.pruning = PruningSettings.from_mapping(config["pruning"])
+        self.compute = ComputeSettings.from_mapping(config["compute"])
+        self.lora = LoraSettings.from_mapping(config["finetune"]["lora"])
+        self.finetune_data = FinetuneDataSettings.from_mapping(config["finetune"]["train"])
+        self.perplexity = {
+            s["name"]: PerplexitySettings.from_mapping(s) for s in config["eval"]["perplexity"]
+        }
+        if len(self.perplexity) != len(config["eval"]["perplexity"]):
+            raise ValueError("config: perplexity set names must be unique")
+        self.zeroshot = ZeroshotSettings.from_mapping(config["eval"]["zeroshot"])
+
+    # -- ids ----------------------------------------------------------------------------------
+    def calib_id(self) -> str:
+        return f"c-{self.calibration.short_id()}"
+
+    def rotation_identity(self, pruner: str) -> dict[str, Any]:
+        """What a rotated row's rotations depend on besides model, pattern and calibration."""
+        identity = {**self.rotation.identity(), "loss_score": self.rotation.score_for(pruner)}
+        identity["percdamp"] = self.pruning.percdamp  # the SparseGPT score's damping
+        return identity
+
+    def variant_name(self, pruner: str, pattern: str | None, rotation: str) -> str:
+        if pruner == "none":
+            return f"none_dense_dr-{short_hash(self.rotation_identity('none'))}"
+        rslug = "none" if rotation == "none" else f"dr-{short_hash(self.rotation_identity(pruner))}"
+        return f"{pruner}_{pattern_slug(pattern or '')}_{rslug}"
+
+    def lora_id(self) -> str:
+        return f"lora-{short_hash({'lora': self.lora.identity(), 'train': self.finetune_data.identity()})}"
+
+    def ppl_id(self, name: str) -> str:
+        return short_hash(self.perplexity[name].identity())
+
+    def zeroshot_id(self) -> str:
+        identity = self.zeroshot.identity()
+        if self.zeroshot.source == "local":
+            identity["corpus"] = self.corpus_dir()
+        return short_hash(identity)
+
+    def row_for(self, row_path: str) -> Row:
+        """The row of a path, refusing paths made with settings other than this config's."""
+        row = Row.from_path(row_path)
+        expected = self._row(row.model, row.pruner, row.pattern, row.rotation, row.finetune)
+        if expected != row:
+            raise ValueError(f"{row_path} was made with other settings than the config's ({expected.path})")
+        return row
+
+    # -- the grid -----------------------------------------------------------------------------
+    def _row(self, model: str, pruner: str, pattern: str, rotation: str, finetune: str = "none") -> Row:
+        if pruner == "none" and rotation == "none":
+            return Row(model, "none", "dense", "none")
+        variant = self.variant_name(pruner, None if pruner == "none" else pattern, rotation)
+        lora = self.lora_id() if finetune == "lora" else None
+        return Row(model, pruner, pattern, rotation, finetune, self.calib_id(), variant, lora)
+
+    def rows(self) -> list[Row]:
+        """The table's rows in order: per model dense, the grid, rotation-only, LoRA rows."""
+        c = self.config
+        rows = []
+        for model in self.models:
+            if c["dense"]:
+                rows.append(self._row(model, "none", "dense", "none"))
+            for pruner in c["pruners"]:
+                for pattern in c["patterns"]:
+                    canonical = str(parse_pattern(pattern))
+                    rows += [self._row(model, pruner, canonical, rot) for rot in c["rotations"]]
+            if c["rotation_only"]:
+                rows.append(self._row(model, "none", "dense", "denoise"))
+            rows += [self._row(model, ft["pruner"], str(parse_pattern(ft["pattern"])), ft["rotation"], "lora")
+                     for ft in c["finetune"]["rows"]]  # fmt: skip
+        return rows
+
+    # -- files --------------------------------------------------------------------------------
+    def corpus_dir(self) -> str:
+        source = self.config["corpus"]["source"]
+        return (
+            str(Path(source.split(":", 1)[1]))
+            if source.startswith("local:")
+            else f"{self.resources_dir}/corpus"
+        )
+
+    def resolve_source(self, spec: str) -> str:
+        """corpus:NAME -> json:<corpus>/NAME.jsonl; any other source is the package's own syntax."""
+        if spec.startswith("corpus:"):
+            return f"json:{self.corpus_dir()}/{spec.split(':', 1)[1]}.jsonl"
+        return spec
+
+    def corpus_inputs(self, spec: str) -> list[str]:
+        """The corpus folder when a source names it, so that its fetch runs first."""
+        return [self.corpus_dir()] if spec.startswith("corpus:") else []
+
+    def fixtures_dir(self) -> str:
+        z = self.zeroshot
+        return (f"{self.resources_dir}/zeroshot-tasks/"
+                f"items{z.fixture_items}-seed{z.fixture_seed}-{short_hash(self.corpus_dir())}")  # fmt: skip
+
+    def base_model_dir(self, model: str) -> str:
+        source = self.models[model]["source"]
+        if source.startswith("local:"):
+            return str(Path(source.split(":", 1)[1]))
+        return f"{self.resources_dir}/models/{model}"
+
+    def row_model_dir(self, row: Row) -> str:
+        return self.base_model_dir(row.model) if row.variant is None else f"results/models/{row.path}/hf"
+
+    def row_files(self, row: Row) -> dict[str, Any]:
+        """Result files of a row: sparsity, perplexity per set, zero-shot, per-layer stats."""
+        base = f"results/eval/{row.path}"
+        files: dict[str, Any] = {
+            "sparsity": f"{base}/sparsity.json",
+            "ppl": {name: f"{base}/ppl-{name}-{self.ppl_id(name)}.json" for name in self.perplexity},
+            "stats": f"{row.prune_dir}/stats.json" if row.prune_dir else None,
+        }
+        if self.zeroshot.tasks:
+            files["zeroshot"] = f"{base}/zeroshot-{self.zeroshot_id()}.json"
+        return files
+
+    def manifest(self) -> dict[str, Any]:
+        """Everything the tables stage needs: rows with their files, and the settings shown."""
+        return {
+            "rows": [
+                {
+                    **row.key(),
+                    "row": row.path,
+                    "paper_name": self.models[row.model]["paper_name"],
+                    "files": self.row_files(row),
+                }
+                for row in self.rows()
+            ],  # fmt: skip
+            "perplexity": {name: s.to_dict() for name, s in self.perplexity.items()},
+            "zeroshot": self.zeroshot.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "rotation": self.rotation.to_dict(),
+            "finetune": {"lora": self.lora.to_dict(), "train": self.finetune_data.to_dict()}
+            if self.config["finetune"]["rows"]
+            else None,
+        }
+
+    def table_inputs(self) -> list[str]:
+        files: list[str] = []
+        for row in self.rows():
+            f = self.row_files(row)
+            files += [f["sparsity"], *f["ppl"].values(), *([f["zeroshot"]] if "zeroshot" in f else [])]
+            files += [f["stats"]] if f["stats"] else []
+        return sorted(set(files))
+
+    # -- what each stage receives ---------------------------------------------------------------
+    def model_dtype(self, model: str) -> str:
+        return self.models[model]["dtype"] or self.compute.dtype
+
+    def compute_for(self, model: str) -> ComputeSettings:
+        return ComputeSettings.from_mapping(self.compute.to_dict(), dtype=self.model_dtype(model))
+
+    def prune_params(self, model: str, calib: str, variant: str) -> dict[str, Any]:
+        """The prune rule's params: the sections that determine this variant, each whole.
+
+        The rotation section is left out of plain-pruning rows, so that changing it never reruns
+        them through Snakemake's params trigger.
+        """
+        if calib != self.calib_id():
+            raise ValueError(f"{calib} was made with other calibration settings ({self.calib_id()})")
+        row = self.row_for(f"{model}/{calib}/{variant}")
+        params: dict[str, Any] = {
+            "pruner": row.pruner,
+            "pattern": None if row.pruner == "none" else row.pattern,
+            "pruning": self.pruning.to_dict(),
+            "compute": self.compute_for(model).to_dict(),
+        }
+        if row.rotation == "denoise":
+            params["rotation"] = self.rotation.to_dict()
+        return params

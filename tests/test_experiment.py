@@ -1,0 +1,124 @@
+"""The experiment grid without Snakemake: rows, their paths (round trip), ids that change
+exactly with the settings that determine them, stage params, costs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from denoiserotator import costs
+from denoiserotator.experiment import Experiment, Row
+from denoiserotator.pipeline import PruneSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+
+
+def load(name: str, **overlay) -> dict:
+    """config.yaml with `name` merged over it as Snakemake does (mappings by key, lists whole)."""
+
+    def merge(base: dict, extra: dict) -> dict:
+        out = copy.deepcopy(base)
+        for key, value in extra.items():
+            out[key] = (
+                merge(out[key], value)
+                if isinstance(value, dict) and isinstance(out.get(key), dict)
+                else value
+            )
+        return out
+
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    if name != "config.yaml":
+        config = merge(config, yaml.safe_load((ROOT / "config" / name).read_text()))
+    config = merge(config, overlay)
+    # fills in defaults, as snakemake.utils.validate does
+    validator = jsonschema.validators.extend(
+        jsonschema.Draft202012Validator,
+        {"properties": _set_defaults(jsonschema.Draft202012Validator.VALIDATORS["properties"])},
+    )
+    validator(SCHEMA).validate(config)
+    return config
+
+
+def _set_defaults(validate_properties):
+    def properties(validator, props, instance, schema):
+        for key, sub in props.items():
+            if isinstance(instance, dict) and "default" in sub:
+                instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, props, instance, schema)
+
+    return properties
+
+
+def test_every_row_path_round_trips() -> None:
+    exp = Experiment(load("config.yaml"))
+    rows = exp.rows()
+    assert rows and len({row.path for row in rows}) == len(rows)
+    for row in rows:
+        assert Row.from_path(row.path) == row
+        assert exp.row_for(row.path) == row
+
+
+def test_paper_grid_has_every_cell_per_model() -> None:
+    config = load("config.yaml")
+    exp = Experiment(config)
+    per_model = 1 + len(config["pruners"]) * len(config["patterns"]) * len(config["rotations"]) + 1
+    assert len(exp.rows()) == per_model * len(config["models"])
+
+
+def _paths(exp: Experiment) -> dict[tuple, str]:
+    return {tuple(row.key().values()): row.path for row in exp.rows()}
+
+
+@pytest.mark.parametrize("overlay", [{"steps": 7}, {"betas": [0.8, 0.999]}, {"lr": 0.02}])
+def test_a_rotation_setting_changes_exactly_the_rotated_rows(overlay: dict) -> None:
+    before = _paths(Experiment(load("demo.yaml")))
+    after = _paths(Experiment(load("demo.yaml", rotation=overlay)))
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {key for key in before if key[3] == "denoise"}
+
+
+def test_rotation_ids_differ_by_loss_score_and_damping() -> None:
+    exp = Experiment(load("demo.yaml"))
+    assert (
+        exp.variant_name("wanda", "50%", "denoise")[-8:]
+        != exp.variant_name("sparsegpt", "50%", "denoise")[-8:]
+    )
+    damped = Experiment(load("demo.yaml", pruning={"percdamp": 0.1}))
+    assert damped.variant_name("wanda", "50%", "denoise") != exp.variant_name("wanda", "50%", "denoise")
+
+
+def test_paths_of_other_settings_are_refused() -> None:
+    exp = Experiment(load("demo.yaml"))
+    other = Experiment(load("demo.yaml", rotation={"steps": 7}))
+    rotated = next(row for row in other.rows() if row.rotation == "denoise")
+    with pytest.raises(ValueError, match="other settings"):
+        exp.row_for(rotated.path)
+    with pytest.raises(ValueError, match="not a row path"):
+        Row.from_path("model/c-123/wanda_50pct_none")
+
+
+def test_prune_params_carry_whole_sections_and_build_the_job() -> None:
+    exp = Experiment(load("demo.yaml"))
+    plain = next(r for r in exp.rows() if r.pruner == "wanda" and r.rotation == "none")
+    rotated = next(r for r in exp.rows() if r.pruner == "wanda" and r.rotation == "denoise")
+    plain_params = exp.prune_params(plain.model, plain.calib, plain.variant)
+    assert "rotation" not in plain_params  # so rotation changes never rerun plain rows
+    job = PruneSettings.from_params(exp.prune_params(rotated.model, rotated.calib, rotated.variant))
+    assert job.rotation == exp.rotation and job.pruning == exp.pruning
+    assert PruneSettings.from_params(plain_params).rotation is None
+
+
+def test_costs_scale_with_size_and_honour_overrides() -> None:
+    config = load("config.yaml")
+    exp = Experiment(config)
+    small, big = "llama3-8b", "llama3-70b"
+    assert costs.mem_mb(exp, big, "prune") > costs.mem_mb(exp, small, "prune")
+    assert costs.runtime(exp, small, "prune", rotated=True) > costs.runtime(exp, small, "prune")
+    assert costs.mem_mb(exp, small, "prune", attempt=2) == 2 * costs.mem_mb(exp, small, "prune")
+    config["models"][0]["resources"] = {"prune": {"mem_mb": 1234}}
+    assert costs.mem_mb(Experiment(config), small, "prune") == 1234
