@@ -38,8 +38,6 @@ DENSE_MATCH_RTOL = 1e-3
 # files
 
 
-
-
 def _replace_atomic(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` and rename into place, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,12 +177,11 @@ def _fmt(value: Any) -> str:
 
 def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
     """The table as Markdown with the settings that produced it (for the README and the report)."""
-    calib, rot = manifest.get("calibration", {}), manifest.get("rotation", {})
-    lines = ["## Settings", "",
-             f"- calibration: {calib.get('nsamples')} x {calib.get('seqlen')} tokens from "
-             f"`{calib.get('source')}` (seed {calib.get('seed')})",
-             f"- rotation: {rot.get('steps')} steps per layer, lr {rot.get('lr')}, "
-             f"loss {rot.get('loss_variant')}"]
+    lines = ["## Settings", ""]
+    # Every field of these sections, so that a new setting shows up without an edit here.
+    for section in ("calibration", "rotation"):
+        fields = manifest.get(section) or {}
+        lines.append(f"- {section}: " + ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items()))
     for name, spec in manifest.get("perplexity", {}).items():
         windows = spec.get("max_windows") or "all"
         note = f" ({spec['note']})" if spec.get("note") else ""
@@ -195,8 +192,8 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
         lines.append(f"- zero-shot: {', '.join(zs['tasks'])} ({zs.get('source')} tasks, "
                      f"limit {zs.get('limit') or 'none'} per task)")
     if manifest.get("finetune"):
-        lora = manifest["finetune"]["lora"]
-        lines.append(f"- LoRA: r {lora['r']}, alpha {lora['alpha']}, {lora['steps']} steps, lr {lora['lr']}")
+        for part, fields in manifest["finetune"].items():
+            lines.append(f"- LoRA {part}: " + ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items()))
     columns = [c for c in table.columns if not c.startswith("paper_") or table[c].notna().any()]
     lines += ["", "## Results", "", "| " + " | ".join(columns) + " |",
               "|" + "|".join("---" for _ in columns) + "|"]

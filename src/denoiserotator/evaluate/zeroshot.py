@@ -132,8 +132,6 @@ def _package_version() -> str:
     return version("lm_eval")
 
 
-
-
 def zeroshot_stage(
     model_dir: Path,
     out: Path,
