@@ -8,7 +8,6 @@ layer's inputs. Activations are kept in the original basis between layers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, SEQUENTIAL_GROUPS, get_adapter
+from .checks import check_grams, check_layer_input, check_layer_output, check_settings, preflight
 from .engine import capture_layer_inputs, run_layer
+from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
 from .pruners import PRUNERS, parse_pattern, prune_weight
 from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
@@ -59,6 +60,7 @@ class PruneSettings:
     merge_boundaries: bool = True
 
     def validate(self) -> None:
+        check_settings(self)
         if self.pruner not in (*PRUNERS, "none"):
             raise ValueError(f"unknown pruner {self.pruner!r}; choose from {', '.join((*PRUNERS, 'none'))}")
         if self.rotation not in ("none", "denoise"):
@@ -140,7 +142,10 @@ class LayerCheckpoint:
         if not progress.exists():
             return 0
         record = json.loads(progress.read_text())
-        return int(record["done"]) if record.get("key") == self.key else 0
+        if record.get("key") == self.key:
+            return int(record["done"])
+        discard_checkpoint(self.folder, record.get("key"), self.key)
+        return 0
 
     def save(
         self,
@@ -172,12 +177,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_key(settings: PruneSettings, input_ids: torch.Tensor) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    digest.update(input_ids.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def run_pipeline(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -196,7 +195,8 @@ def run_pipeline(
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
     adapter = get_adapter(model)
-    model.config.use_cache = False
+    preflight(settings, adapter)
+    key = checkpoint_key(settings, input_ids, model_fingerprint(model)) if checkpoint_dir else ""
     pattern = parse_pattern(settings.pattern) if settings.pruner != "none" else None
     rotate = settings.rotation == "denoise"
     batch_size = _divisor_at_most(input_ids.shape[0], settings.batch_size)
@@ -205,9 +205,7 @@ def run_pipeline(
     hidden = inputs.hidden
     rotations: list[torch.Tensor | None] = []
     stats: list[dict[str, Any]] = []
-    checkpoint = (
-        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids)) if checkpoint_dir else None
-    )
+    checkpoint = LayerCheckpoint(checkpoint_dir, key) if checkpoint_dir else None
     resume_from = checkpoint.done() if checkpoint else 0
     for index in range(resume_from):
         saved = checkpoint.load_layer(index)
@@ -227,6 +225,7 @@ def run_pipeline(
         kwargs = inputs.layer_kwargs[index]
         record: dict[str, Any] = {"layer": index}
         rotation: torch.Tensor | None = None
+        check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
 
         if rotate:
             fold_layer_norms(view)
@@ -236,6 +235,7 @@ def run_pipeline(
                 if score != "magnitude"
                 else {}
             )
+            check_grams(grams, index, view.linear_paths, "the rotation loss", dtype)
             problem = LayerProblem.from_layer(
                 {name: linear.weight.data for name, linear in linears.items()},
                 grams,
@@ -267,6 +267,7 @@ def run_pipeline(
                     if settings.pruner != "magnitude"
                     else {}
                 )
+                check_grams(grams, index, view.linear_paths, f"pruning with {settings.pruner}", dtype)
                 for name in group:
                     linear = linears[name]
                     pruned = prune_weight(
@@ -286,8 +287,7 @@ def run_pipeline(
 
         step_layer = RotatedLayer(layer, rotation) if rotation is not None else layer
         hidden = run_layer(step_layer, hidden, kwargs)
-        if not all(torch.isfinite(batch).all() for batch in hidden):
-            raise FloatingPointError(f"non-finite activations after layer {index}")
+        check_layer_output(hidden, index, dtype)
         adapter.layers[index] = layer.to("cpu")
         rotations.append(None if rotation is None else rotation.to("cpu", torch.float32))
         record["seconds"] = time.perf_counter() - layer_started
