@@ -30,6 +30,7 @@ __all__ = [
     "check_grams",
     "check_layer_input",
     "check_layer_output",
+    "check_layer_weights",
     "check_settings",
     "preflight",
 ]
@@ -298,6 +299,19 @@ def check_layer_input(
     )
 
 
+def check_layer_weights(layer: torch.nn.Module, index: int) -> None:
+    """Raise NonFiniteError if any parameter of decoder layer `index` holds inf/NaN (a corrupt source)."""
+    for name, param in layer.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            count = int((~torch.isfinite(param)).sum())
+            raise NonFiniteError(
+                f"non-finite weights in layer {index} {name}: {count} of {param.numel()} values are inf/NaN "
+                f"in the model as loaded; nothing of layer {index} was rotated or pruned. What to do: check "
+                "the source model folder (re-download or re-convert it); in float16, a weight beyond 65504 "
+                "overflows on loading: use bfloat16"
+            )
+
+
 def check_grams(
     grams: Mapping[str, torch.Tensor | None],
     index: int,
@@ -317,7 +331,7 @@ def check_grams(
             + (f", collected for {purpose}" if purpose else "")
             + f": the inputs of this linear overflowed inside layer {index} "
             f"(first input channels {bad_inputs}) although the layer's input was finite; "
-            f"nothing of this linear was pruned. "
+            f"the run stopped before using these statistics. "
             f"What to do: {_advice(dtype)}"
         )
 

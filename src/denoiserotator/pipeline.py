@@ -23,7 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, SEQUENTIAL_GROUPS, get_adapter
-from .checks import check_grams, check_layer_input, check_layer_output, check_settings, preflight
+from .checks import (
+    check_grams,
+    check_layer_input,
+    check_layer_output,
+    check_layer_weights,
+    check_settings,
+    preflight,
+)
 from .engine import capture_layer_inputs, run_layer
 from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
@@ -226,6 +233,7 @@ def run_pipeline(
         record: dict[str, Any] = {"layer": index}
         rotation: torch.Tensor | None = None
         check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
+        check_layer_weights(layer, index)
 
         if rotate:
             fold_layer_norms(view)
