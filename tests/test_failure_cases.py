@@ -1,6 +1,6 @@
 """The README's table of failure cases stays true: every test it names exists, and the model
-shapes it lists as handled (MHA, MQA, head_dim != hidden/heads, mixed sliding-window layers)
-are tried here."""
+shapes it lists as handled (MHA, MQA, head_dim != hidden/heads, Llama biases, mixed
+sliding-window layers) are tried here."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SHAPES = {
     "mha": ("llama", {"num_key_value_heads": 4}),
     "mqa": ("llama", {"num_key_value_heads": 1}),
     "head_dim_24_not_hidden_over_heads": ("llama", {"head_dim": 24}),
+    "llama_attention_and_mlp_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "qwen2_mixed_sliding_window_layers": (
         "qwen2",
         {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
