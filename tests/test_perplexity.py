@@ -59,8 +59,20 @@ def test_perplexity_cli(tmp_path: Path) -> None:
     rows = [json.dumps({"text": f"Call me Ishmael, said sailor {i}."}) for i in range(20)]
     text.write_text("\n".join(rows) + "\n")
     out = tmp_path / "ppl.json"
-    perplexity_module.main(["--model", str(model_dir), "--dataset", f"json:{text}", "--seqlen", "16",
-                            "--max-windows", "3", "--out", str(out)])
+    perplexity_module.main(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            f"json:{text}",
+            "--seqlen",
+            "16",
+            "--max-windows",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     ids = perplexity_ids(tiny_tokenizer(), f"json:{text}", 16)
     model = tiny_model("qwen2")

@@ -154,3 +154,45 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
         tiny_model("mistral", num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
     )
     assert len(fresh.layer_stats) == 3
+
+
+def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, caplog) -> None:
+    """Same slug, same shapes, same tokenizer and calibration, different weights (a corrected
+    source, an updated local folder): the rerun must start over, not splice the old model's
+    finished layers onto the new one's embeddings and head."""
+    import logging
+
+    import denoiserotator.pipeline as pipeline
+
+    settings = PruneSettings(pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4))
+    model_a = tiny_model("llama", seed=0, num_layers=3)
+    ids = calibration(model_a)
+    real_run_layer = pipeline.run_layer
+    calls = {"n": 0}
+
+    def dying_run_layer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14:  # 6 calls per layer: dies inside layer 2, after layers 0 and 1 are saved
+            raise RuntimeError("node failure")
+        return real_run_layer(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_layer", dying_run_layer)
+    with pytest.raises(RuntimeError, match="node failure"):
+        run_pipeline(model_a, ids, settings, progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(pipeline, "run_layer", real_run_layer)
+    assert (tmp_path / "layer-0001.pt").exists()
+
+    expected = run_pipeline(tiny_model("llama", seed=1, num_layers=3), ids, settings, progress=False)
+    with caplog.at_level(logging.INFO):
+        actual = run_pipeline(
+            tiny_model("llama", seed=1, num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+        )
+    for (name, want), got in zip(
+        expected.model.state_dict().items(), actual.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(want, got), name
+    assert [s["entropy_after"] for s in actual.layer_stats] == [
+        s["entropy_after"] for s in expected.layer_stats
+    ]
+    assert "discarding the layer checkpoint" in caplog.text
+    assert "resuming" not in caplog.text

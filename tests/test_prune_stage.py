@@ -71,3 +71,60 @@ def test_pruned_rotated_stage_keeps_the_pattern_on_reload(
         assert bool(((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) >= 2).all())
     assert record["settings"]["pattern"] == "2:4"
     assert all("damping" in layer for layer in record["layers"])
+
+
+# Config keys an exported folder changes on purpose, and why (export.py, rotation/fuse.py, prune.py):
+# - architectures, auto_map, denoiserotator_boundary_layers: a folder with merged boundary
+#   rotations names the Rotated* class that applies them (export._patch_config);
+# - tie_word_embeddings True -> False: the first rotation is folded into the embedding only, so
+#   embedding and lm_head differ (fuse.untie_embeddings);
+# - dtype: the folder is saved in the compute dtype (prune_stage).
+ROTATED_KEYS = {"architectures", "auto_map", "denoiserotator_boundary_layers"}
+
+
+@pytest.mark.parametrize(
+    "pruner,rotation,dtype,tie",
+    [
+        ("wanda", "none", "float32", False),
+        ("sparsegpt", "denoise", "float32", True),
+        ("none", "denoise", "bfloat16", False),
+    ],
+)
+def test_exported_config_keeps_the_sources_configuration(
+    stage_inputs: tuple[Path, Path], tmp_path: Path, pruner: str, rotation: str, dtype: str, tie: bool
+) -> None:
+    from denoiserotator.pipeline import PruneSettings
+    from denoiserotator.settings import ComputeSettings, RotationSettings
+    from denoiserotator.testing import tiny_model, tiny_tokenizer
+
+    _, calib = stage_inputs
+    source = tmp_path / "source"
+    tiny_model("llama", num_layers=2, tie=tie).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    out = tmp_path / "out"
+    settings = PruneSettings(
+        pruner=pruner,
+        pattern=None if pruner == "none" else "2:4",
+        rotation=RotationSettings(steps=2) if rotation == "denoise" else None,
+        compute=ComputeSettings(dtype=dtype),
+    )
+    prune.prune_stage(source, calib, out, tmp_path / "stats.json", settings, progress=False)
+    before = json.loads((source / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    differing = {
+        key
+        for key in before.keys() | after.keys()
+        if before.get(key, "<absent>") != after.get(key, "<absent>")
+    }
+    expected = set()
+    if rotation == "denoise":
+        expected |= ROTATED_KEYS
+        assert after["architectures"] == ["Rotated" + before["architectures"][0]]
+        if tie:
+            expected.add("tie_word_embeddings")
+            assert after["tie_word_embeddings"] is False
+    if dtype != before["dtype"]:
+        expected.add("dtype")
+        assert after["dtype"] == dtype
+    assert differing == expected, {key: (before.get(key), after.get(key)) for key in differing ^ expected}
+    assert after["use_cache"] is before["use_cache"] is True

@@ -17,23 +17,52 @@ def _write(path: Path, payload: dict) -> str:
     return str(path)
 
 
-def _row(tmp: Path, name: str, pruner: str, pattern: str, rotation: str, ppl: float, sparsity: float,
-         acc: dict[str, float], finetune: str = "none", entropy: tuple[float, float] | None = None) -> dict:
+def _row(
+    tmp: Path,
+    name: str,
+    pruner: str,
+    pattern: str,
+    rotation: str,
+    ppl: float,
+    sparsity: float,
+    acc: dict[str, float],
+    finetune: str = "none",
+    entropy: tuple[float, float] | None = None,
+) -> dict:
     base = tmp / name
     files = {
         "sparsity": _write(base / "sparsity.json", {"overall": sparsity}),
         "ppl": {"wikitext2": _write(base / "ppl.json", {"ppl": ppl})},
-        "zeroshot": _write(base / "zs.json", {"tasks": {t: {"value": v} for t, v in acc.items()},
-                                              "zeroshot_avg": sum(acc.values()) / len(acc)}),
+        "zeroshot": _write(
+            base / "zs.json",
+            {
+                "tasks": {t: {"value": v} for t, v in acc.items()},
+                "zeroshot_avg": sum(acc.values()) / len(acc),
+            },
+        ),
         "stats": None,
     }
     if entropy is not None:
-        files["stats"] = _write(base / "stats.json", {"seconds": 3.0, "layers": [
-            {"layer": 0, "entropy_before": entropy[0], "entropy_after": entropy[1]},
-            {"layer": 1, "entropy_before": entropy[0] + 2, "entropy_after": entropy[1] + 2},
-        ]})
-    return {"model": "llama3-8b", "pruner": pruner, "pattern": pattern, "rotation": rotation,
-            "finetune": finetune, "paper_name": "LLaMA-3-8B", "row": name, "files": files}
+        files["stats"] = _write(
+            base / "stats.json",
+            {
+                "seconds": 3.0,
+                "layers": [
+                    {"layer": 0, "entropy_before": entropy[0], "entropy_after": entropy[1]},
+                    {"layer": 1, "entropy_before": entropy[0] + 2, "entropy_after": entropy[1] + 2},
+                ],
+            },
+        )
+    return {
+        "model": "llama3-8b",
+        "pruner": pruner,
+        "pattern": pattern,
+        "rotation": rotation,
+        "finetune": finetune,
+        "paper_name": "LLaMA-3-8B",
+        "row": name,
+        "files": files,
+    }
 
 
 def _manifest(tmp: Path, rotation_only_ppl: float) -> dict:
@@ -47,10 +76,14 @@ def _manifest(tmp: Path, rotation_only_ppl: float) -> dict:
     ]
     wt2 = {"dataset": "wikitext2", "seqlen": 2048, "max_windows": None, "paper": "wt2", "note": None}
     ppl = {"wikitext2": wt2}
-    return {"rows": rows, "perplexity": ppl,
-            "zeroshot": {"tasks": ["piqa", "winogrande"], "source": "hub", "limit": None},
-            "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
-            "rotation": {"steps": 2000, "lr": 0.01, "loss_variant": "paper"}, "finetune": None}
+    return {
+        "rows": rows,
+        "perplexity": ppl,
+        "zeroshot": {"tasks": ["piqa", "winogrande"], "source": "hub", "limit": None},
+        "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
+        "rotation": {"steps": 2000, "lr": 0.01, "loss_variant": "paper"},
+        "finetune": None,
+    }
 
 
 def test_paper_lookup_matches_the_papers_rows() -> None:
@@ -68,8 +101,17 @@ def test_paper_lookup_matches_the_papers_rows() -> None:
 def test_collect_columns_values_and_paper(tmp_path: Path) -> None:
     table = collect(_manifest(tmp_path, rotation_only_ppl=6.0))
     assert list(table.columns[:11]) == [
-        "model", "pruner", "pattern", "rotation", "finetune", "measured_sparsity",
-        "ppl_wikitext2", "piqa", "winogrande", "zeroshot_avg", "entropy_before",
+        "model",
+        "pruner",
+        "pattern",
+        "rotation",
+        "finetune",
+        "measured_sparsity",
+        "ppl_wikitext2",
+        "piqa",
+        "winogrande",
+        "zeroshot_avg",
+        "entropy_before",
     ]
     assert len(table) == 5
     plain = table.finetune == "none"
@@ -97,8 +139,14 @@ def test_build_tables_writes_every_output(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "r", rotation_only_ppl=6.0)
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     out = tmp_path / "tables"
-    table = build_tables(tmp_path / "m.json", out / "main.csv", out / "main.parquet", out / "main.md",
-                         out / "ppl.png", out / "entropy.png")
+    table = build_tables(
+        tmp_path / "m.json",
+        out / "main.csv",
+        out / "main.parquet",
+        out / "main.md",
+        out / "ppl.png",
+        out / "entropy.png",
+    )
     pd.testing.assert_frame_equal(pd.read_parquet(out / "main.parquet"), table)
     csv = pd.read_csv(out / "main.csv")
     assert csv.shape == table.shape

@@ -70,8 +70,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test workflow, run once for real."""
     dest = _copy_workflow(tmp_path_factory.mktemp("workflow"))
     # gpu=2: the test config requests a GPU per job (for the SLURM test); here two run side by side
-    proc = snakemake(dest, "all", "--cores", "2", "--resources", "gpu=2", "--configfile", "config/test.yaml",
-                     timeout=RUN_TIMEOUT_S)
+    proc = snakemake(
+        dest,
+        "all",
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=2",
+        "--configfile",
+        "config/test.yaml",
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
     return dest
 
@@ -80,13 +89,15 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
     table = pd.read_csv(workdir / "results/tables/main.csv")
     assert pd.read_parquet(workdir / "results/tables/main.parquet").shape == table.shape
     keys = sorted(map(tuple, table[["pruner", "pattern", "rotation", "finetune"]].astype(str).values))
-    assert keys == sorted([
-        ("none", "dense", "none", "none"),  # dense
-        ("wanda", "50%", "none", "none"),
-        ("wanda", "50%", "denoise", "none"),
-        ("none", "dense", "denoise", "none"),  # rotation only
-        ("wanda", "50%", "denoise", "lora"),
-    ])
+    assert keys == sorted(
+        [
+            ("none", "dense", "none", "none"),  # dense
+            ("wanda", "50%", "none", "none"),
+            ("wanda", "50%", "denoise", "none"),
+            ("none", "dense", "denoise", "none"),  # rotation only
+            ("wanda", "50%", "denoise", "lora"),
+        ]
+    )
     assert set(table["model"]) == {"tiny-llama"}
     for column in ("measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "rotation_only_matches_dense"):
         assert column in table.columns

@@ -28,8 +28,15 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def result(task_dir: Path) -> dict:
     torch.manual_seed(0)
-    return zeroshot(tiny_model("llama", seed=2), tiny_tokenizer(), list(TASKS), limit=LIMIT, batch_size=3,
-                    task_dir=task_dir, log_samples=True)
+    return zeroshot(
+        tiny_model("llama", seed=2),
+        tiny_tokenizer(),
+        list(TASKS),
+        limit=LIMIT,
+        batch_size=3,
+        task_dir=task_dir,
+        log_samples=True,
+    )
 
 
 def loglikelihood(model: torch.nn.Module, tokenizer, context: str, continuation: str) -> float:
@@ -76,8 +83,10 @@ def test_winogrande_acc_by_hand(result: dict) -> None:
         doc = sample["doc"]
         blank = doc["sentence"].index("_")
         target = " " + doc["sentence"][blank + 1 :].strip()
-        lls = [loglikelihood(model, tokenizer, doc["sentence"][:blank] + option, target)
-               for option in (doc["option1"], doc["option2"])]
+        lls = [
+            loglikelihood(model, tokenizer, doc["sentence"][:blank] + option, target)
+            for option in (doc["option1"], doc["option2"])
+        ]
         correct.append(float(int(np.argmax(lls)) == int(doc["answer"]) - 1))
     assert result["tasks"]["winogrande"]["value"] == pytest.approx(np.mean(correct))
 
@@ -85,9 +94,23 @@ def test_winogrande_acc_by_hand(result: dict) -> None:
 def test_zeroshot_cli(tmp_path: Path, task_dir: Path) -> None:
     model_dir = save_tiny_model("llama", tmp_path / "model", seed=2)
     out = tmp_path / "zs.json"
-    zeroshot_module.main(["--model", str(model_dir), "--tasks", "arc_easy", "winogrande",
-                          "--task-dir", str(task_dir), "--limit", "3", "--batch-size", "2",
-                          "--out", str(out)])
+    zeroshot_module.main(
+        [
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "arc_easy",
+            "winogrande",
+            "--task-dir",
+            str(task_dir),
+            "--limit",
+            "3",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert list(saved["tasks"]) == ["arc_easy", "winogrande"] and saved["model"] == str(model_dir)
     assert saved["tasks"]["arc_easy"]["n"] == 3 and "samples" not in saved

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
+from .config_scope import temporary_config
 
 
 class _LayerRecorder(nn.Module):
@@ -79,7 +80,9 @@ def capture_layer_inputs(
             recorders = [_LayerRecorder(layer, keep_kwargs=start == 0) for layer in originals]
             for index, recorder in enumerate(recorders):
                 layers[index] = recorder
-            base(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+            # use_cache off for this pass only: the config is exported later and must keep its value.
+            with temporary_config(adapter.model.config, use_cache=False):
+                base(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
             hidden.append(recorders[0].hidden)
             if start == 0:
                 layer_kwargs = [_detach_kwargs(recorder.kwargs or {}) for recorder in recorders]

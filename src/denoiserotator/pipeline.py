@@ -13,13 +13,12 @@ Activations are kept in the original basis between layers. `run_pipeline` loops 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
+from .checks import check_grams, check_layer_input, check_layer_output, check_layer_weights, preflight
 from .engine import capture_layer_inputs, run_layer
+from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
 from .pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
 from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
@@ -137,6 +138,7 @@ def input_statistics(
 
 def learn_rotations(
     view: LayerAdapter,
+    index: int,
     adapter: ModelAdapter,
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
@@ -146,7 +148,7 @@ def learn_rotations(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """SPEC §3–4 on a norm-folded layer: returns R1 (d, d), the R2 blocks (n_kv, d_head, d_head)
     and the training record. Magnitude needs no Gram matrices; the other scores take one per
-    input group (the group's inputs are shared)."""
+    input group (the group's inputs are shared). Raises NonFiniteError on a non-finite Gram."""
     assert settings.rotation is not None and settings.loss_score is not None
     linears = view.linears()
     first_of_group = tuple(group[0] for group in adapter.input_groups.values())
@@ -154,6 +156,7 @@ def learn_rotations(
         {} if settings.loss_score == "magnitude"
         else input_statistics(view.layer, linears, first_of_group, hidden, kwargs)
     )  # fmt: skip
+    check_grams(grams, index, view.linear_paths, "the rotation loss", hidden[0].dtype)
     problem = LayerProblem.from_layer(
         {name: linear.weight.data for name, linear in linears.items()},
         grams,
@@ -171,6 +174,7 @@ def learn_rotations(
 
 def prune_groups(
     view: LayerAdapter,
+    index: int,
     adapter: ModelAdapter,
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
@@ -178,7 +182,8 @@ def prune_groups(
 ) -> dict[str, Any]:
     """Prune the input groups in true-sequential order (SPEC §5.3), Gram matrices re-collected
     before each group on the layer as it is now (rotated, earlier groups pruned). `hidden` is
-    in the layer's own basis. Returns the damping each linear used and its sparsity."""
+    in the layer's own basis. Returns the damping each linear used and its sparsity. Raises
+    NonFiniteError on a non-finite Gram, before the group is pruned."""
     pattern = settings.sparsity_pattern
     assert pattern is not None
     linears = view.linears()
@@ -189,6 +194,7 @@ def prune_groups(
             if settings.pruner == "magnitude"
             else input_statistics(view.layer, linears, group, hidden, kwargs)
         )
+        check_grams(grams, index, view.linear_paths, f"pruning with {settings.pruner}", hidden[0].dtype)
         for name in group:
             linear = linears[name]
             pruned = prune_weight(
@@ -217,10 +223,9 @@ def propagate(
     layer: nn.Module, r1: torch.Tensor | None, hidden: list[torch.Tensor], kwargs: dict[str, Any], index: int
 ) -> list[torch.Tensor]:
     """The finished layer's outputs in the original basis: the next layer's inputs.
-    Raises FloatingPointError on non-finite outputs."""
+    Raises NonFiniteError on non-finite outputs."""
     outputs = run_layer(RotatedLayer(layer, r1) if r1 is not None else layer, hidden, kwargs)
-    if not all(torch.isfinite(batch).all() for batch in outputs):
-        raise FloatingPointError(f"non-finite activations after layer {index}")
+    check_layer_output(outputs, index, hidden[0].dtype)
     return outputs
 
 
@@ -240,12 +245,12 @@ def process_layer(
     if settings.rotation is not None:
         fold_layer_norms(view)
         r1, r2_blocks, trained = learn_rotations(
-            view, adapter, hidden, kwargs, settings, f"layer {index} rotation", progress
+            view, index, adapter, hidden, kwargs, settings, f"layer {index} rotation", progress
         )
         fuse_layer_rotation(view, r1, r2_blocks, adapter.num_heads)
         record.update(trained)
     if settings.sparsity_pattern is not None:
-        record.update(prune_groups(view, adapter, to_basis(hidden, r1), kwargs, settings))
+        record.update(prune_groups(view, index, adapter, to_basis(hidden, r1), kwargs, settings))
     return r1, propagate(view.layer, r1, hidden, kwargs, index), record
 
 
@@ -271,15 +276,17 @@ def run_pipeline(
     """
     settings.validate()
     started = time.perf_counter()
+    adapter = get_adapter(model)
+    preflight(settings, adapter)  # everything checkable, before any activation is captured
     device = torch.device(settings.compute.resolved_device())
     dtype = DTYPES[settings.compute.dtype]
-    adapter = get_adapter(model)
-    model.config.use_cache = False
     batch_size = _divisor_at_most(input_ids.shape[0], settings.compute.prune_batch_size)
     inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
 
     checkpoint = (
-        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids)) if checkpoint_dir else None
+        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids, model_fingerprint(model)))
+        if checkpoint_dir
+        else None
     )
     rotations, stats, hidden = checkpoint.resume(adapter, dtype, device) if checkpoint else ([], [], None)
     hidden = hidden if hidden is not None else inputs.hidden
@@ -287,6 +294,8 @@ def run_pipeline(
     for index in tqdm(range(len(stats), adapter.num_layers), desc="layers", disable=not show):
         layer_started = time.perf_counter()
         adapter.layers[index] = adapter.layers[index].to(device=device, dtype=dtype)
+        check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
+        check_layer_weights(adapter.layers[index], index)
         r1, hidden, record = process_layer(
             adapter, index, hidden, inputs.layer_kwargs[index], settings, progress
         )
@@ -336,7 +345,10 @@ class LayerCheckpoint:
         if not progress.exists():
             return 0
         record = json.loads(progress.read_text())
-        return int(record["done"]) if record.get("key") == self.key else 0
+        if record.get("key") == self.key:
+            return int(record["done"])
+        discard_checkpoint(self.folder, record.get("key"), self.key)
+        return 0
 
     def save(
         self,
@@ -385,9 +397,3 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def checkpoint_key(settings: PruneSettings, input_ids: torch.Tensor) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    digest.update(input_ids.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

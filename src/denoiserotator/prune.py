@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .checks import check_settings
 from .data import load_calibration
 from .export import load_model, measured_sparsity, save_model
 from .jsonio import write_json
@@ -37,6 +38,7 @@ def prune_stage(
     write the result folder `out_dir` (loads with `export.load_model`) and `stats_path` (settings,
     per-layer records, measured sparsity). Nothing is written if the pipeline fails."""
     settings.validate()
+    check_settings(settings)  # before anything is loaded: e.g. a GPU requested where there is none
     input_ids, calib_meta = load_calibration(calib_path)
     # The model stays on CPU in the compute dtype (bf16 halves host RAM for 70B-class models);
     # one layer at a time moves to the compute device.

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -278,6 +279,8 @@ def _check_value(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     for element in elements:
         if not _type_ok(kind, element):
             raise SettingsError(f"{key} must be of type {kind}, got {element!r}")
+        if kind == "number" and not math.isfinite(element):
+            raise SettingsError(f"{key} must be a finite number, got {element!r}")
         if meta["choices"] and element not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
             raise SettingsError(f"{key}: {element!r} is not one of {allowed}")

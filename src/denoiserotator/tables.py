@@ -193,7 +193,8 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
                      f"limit {zs.get('limit') or 'none'} per task)")
     if manifest.get("finetune"):
         for part, fields in manifest["finetune"].items():
-            lines.append(f"- LoRA {part}: " + ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items()))
+            described = ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items())
+            lines.append(f"- LoRA {part}: {described}")
     columns = [c for c in table.columns if not c.startswith("paper_") or table[c].notna().any()]
     lines += ["", "## Results", "", "| " + " | ".join(columns) + " |",
               "|" + "|".join("---" for _ in columns) + "|"]

@@ -53,8 +53,9 @@ def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(
-    family: str, vocab_size: int = 384, num_layers: int = 2, tie: bool = False
+    family: str, vocab_size: int = 384, num_layers: int = 2, tie: bool = False, **overrides: object
 ) -> PretrainedConfig:
+    """`overrides` replace any config argument (e.g. num_key_value_heads=1 for MQA)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -70,20 +71,26 @@ def tiny_config(
         eos_token_id=2,
         pad_token_id=2,
     )
+    if family == "mistral":
+        # A short window so the sliding-window mask actually differs from a causal one.
+        common["sliding_window"] = 8
+    common.update(overrides)
     if family == "llama":
         return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
     if family == "qwen2":
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
     if family == "mistral":
-        # A short window so the sliding-window mask actually differs from a causal one.
-        return MistralConfig(architectures=["MistralForCausalLM"], sliding_window=8, **common)
+        return MistralConfig(architectures=["MistralForCausalLM"], **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
-def tiny_model(family: str, seed: int = 0, num_layers: int = 2, tie: bool = False) -> PreTrainedModel:
+def tiny_model(
+    family: str, seed: int = 0, num_layers: int = 2, tie: bool = False, **overrides: object
+) -> PreTrainedModel:
     """A random model whose norms and biases are non-trivial, so folding bugs show."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=num_layers, tie=tie))
+    config = tiny_config(family, num_layers=num_layers, tie=tie, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
     model = model.to(torch.float32).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
