@@ -126,8 +126,9 @@ def test_second_run_plans_nothing(workdir: Path) -> None:
     assert counts == {} and outputs == []
 
 
-def test_rotation_steps_change_reruns_only_rotated_rows(workdir: Path) -> None:
-    overlay = _overlay(workdir, "steps7.yaml", {"rotation": {"steps": 7}})
+@pytest.mark.parametrize("change", [{"steps": 7}, {"betas": [0.8, 0.99]}], ids=["steps", "betas"])
+def test_rotation_setting_change_reruns_only_rotated_rows(workdir: Path, change: dict) -> None:
+    overlay = _overlay(workdir, f"rotation-{next(iter(change))}.yaml", {"rotation": change})
     counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
     full, _ = dry_run(workdir, "--configfile", "config/test.yaml", overlay, "--forceall")
     assert sum(counts.values()) < sum(full.values())
@@ -168,9 +169,11 @@ def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     counts, outputs = dry_run(fresh, "results/tables/main.csv")
-    assert counts["fetch_model"] == 7 and counts["prune"] == 7 * 13
-    # 14 rows per model: dense, 12 pruned, rotation-only
-    assert counts["perplexity"] == 7 * 14 * 2 and counts["zeroshot"] == 7 * 14
+    # the paper's eight models (its appendix tables include LLaMA-3.2-1B)
+    assert counts["fetch_model"] == 8 and counts["prune"] == 8 * 19
+    # 20 rows per model: dense, 3 pruners x 3 patterns (50%, 2:4, 4:8) x 2 rotations, rotation-only
+    assert counts["perplexity"] == 8 * 20 * 2 and counts["zeroshot"] == 8 * 20
+    assert any("_4-8_" in path for path in outputs) and any("/llama3.2-1b/" in path for path in outputs)
     prune_jobs = [block for block in log.split("\n\n") if re.search(r"^rule prune:", block.strip(), re.M)]
     assert prune_jobs and all("gpu=1" in block for block in prune_jobs)
 
