@@ -196,3 +196,30 @@ def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, c
     ]
     assert "discarding the layer checkpoint" in caplog.text
     assert "resuming" not in caplog.text
+
+
+def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.LogCaptureFixture) -> None:
+    """A long job's log says where it is: layer i/L, loss start → best with the relative drop,
+    steps, sparsity, seconds, and the estimated time left (none after the last layer)."""
+    import logging
+    import re
+
+    model = tiny_model("llama", num_layers=3)
+    settings = PruneSettings(pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=3))
+    with caplog.at_level(logging.INFO, logger="denoiserotator.pipeline"):
+        result = run_pipeline(model, calibration(model), settings, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("layer ")]
+    assert len(lines) == 3
+    pattern = (
+        r"layer (\d)/3: loss ([0-9.e+]+) → ([0-9.e+]+) \(([+-][0-9.]+)%\), 3 steps \(best at \d\), "
+        r"sparsity 0\.500, [0-9.]+ s; (~[0-9.]+ (s|min|h) left|done in [0-9.]+ (s|min|h))"
+    )
+    for index, (line, stats) in enumerate(zip(lines, result.layer_stats, strict=True)):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert int(match.group(1)) == index + 1
+        assert float(match.group(2)) == pytest.approx(stats["entropy_before"], rel=1e-3)
+        assert float(match.group(3)) == pytest.approx(stats["entropy_after"], rel=1e-3)
+        drop = 100 * (stats["entropy_after"] - stats["entropy_before"]) / stats["entropy_before"]
+        assert float(match.group(4)) == pytest.approx(drop, abs=0.06)
+    assert "left" in lines[0] and "done in" in lines[-1]

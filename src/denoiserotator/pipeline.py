@@ -254,6 +254,42 @@ def process_layer(
     return r1, propagate(view.layer, r1, hidden, kwargs, index), record
 
 
+def describe_layer(
+    record: dict[str, Any], num_layers: int, done: list[dict[str, Any]], elapsed: float
+) -> str:
+    """One readable progress line for a finished layer (the SLURM log of a long job):
+
+        layer 12/80: loss 812.3 → 640.1 (-21.2%), 400 steps (best at 388), sparsity 0.500, 41.2 s;
+        ~2.6 h left
+
+    `done`: the records of the layers finished in this process (resumed ones excluded from the
+    rate); `elapsed`: seconds since the job started, so the estimate includes capture time.
+    """
+    parts = [f"layer {record['layer'] + 1}/{num_layers}:"]
+    if "entropy_before" in record:
+        start, best = record["entropy_before"], record["entropy_after"]
+        drop = 100.0 * (best - start) / start if start else 0.0
+        parts.append(f"loss {start:.4g} → {best:.4g} ({drop:+.1f}%), {record.get('rotation_steps')} steps "
+                     f"(best at {record.get('rotation_best_step')}),")  # fmt: skip
+    if "sparsity" in record:
+        values = list(record["sparsity"].values())
+        parts.append(f"sparsity {sum(values) / len(values):.3f},")
+    parts.append(f"{record['seconds']:.1f} s;")
+    timed = [r["seconds"] for r in done if "seconds" in r]
+    remaining = num_layers - (record["layer"] + 1)
+    left = remaining * sum(timed) / len(timed) if timed else float("nan")
+    parts.append(f"~{_duration(left)} left" if remaining else f"done in {_duration(elapsed)}")
+    return " ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing timed yet
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -305,7 +341,7 @@ def run_pipeline(
         stats.append(record)
         if checkpoint:
             checkpoint.save(index, adapter.layers[index], rotations[-1], record, hidden)
-        log.info("layer %d: %s", index, {k: v for k, v in record.items() if k not in ("sparsity", "damping")})
+        log.info("%s", describe_layer(record, adapter.num_layers, stats, time.perf_counter() - started))
 
     model.to("cpu")
     boundary, untied = None, False

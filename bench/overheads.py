@@ -1,0 +1,137 @@
+"""What DenoiseRotator costs besides training: host memory of a whole rotate+prune run, and the
+forward time of the exported model. Side by side in one run, JSON out; not a timed test.
+
+    .venv/bin/python bench/overheads.py --cache resources --out bench/results/overheads.json
+
+1. Peak resident memory (ru_maxrss) of a full SmolLM2-135M rotate+prune (Wanda 2:4, a few
+   rotation steps: memory does not depend on the step count), each in a fresh subprocess,
+   against the size of the model's weights, for plain pruning and for rotation + pruning.
+2. Forward time on the same tokens of: the unrotated model, the exported rotated model with
+   merged boundaries (one d×d matmul per layer boundary), and the unmerged form (two d×d
+   matmuls per layer: rotate in and out). Medians of repeated forwards, interleaved so that a
+   busy machine slows all three alike; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: one rotate+prune, then prints its peak RSS in MB."""
+    from denoiserotator.assets import fetch_corpus, fetch_smollm2
+    from denoiserotator.data import calibration_ids
+    from denoiserotator.export import load_model
+    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.settings import RotationSettings
+
+    model_dir, corpus = fetch_smollm2(args.cache), fetch_corpus(args.cache)
+    model, tokenizer = load_model(model_dir)
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ids = calibration_ids(
+        tokenizer, f"json:{corpus / 'sotu-train.jsonl'}", args.nsamples, args.seqlen, seed=0
+    )
+    rotation = RotationSettings(steps=args.steps) if args.child == "denoise" else None
+    run_pipeline(model, ids, PruneSettings(pruner="wanda", pattern="2:4", rotation=rotation), progress=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    print(json.dumps({"peak_rss_mb": peak_mb, "after_load_rss_mb": loaded_mb}))
+
+
+def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
+    from denoiserotator.assets import fetch_smollm2
+    from denoiserotator.export import load_model
+
+    model, _ = load_model(fetch_smollm2(args.cache))
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    out: dict[str, Any] = {"weights_mb": weights_mb, "calibration": f"{args.nsamples} x {args.seqlen}"}
+    for mode in ("none", "denoise"):
+        sizes = ["--steps", str(args.steps), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+        command = [sys.executable, __file__, "--child", mode, "--cache", str(args.cache), *sizes]
+        proc = subprocess.run(command, capture_output=True, text=True, check=True)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["peak_over_weights"] = result["peak_rss_mb"] / weights_mb
+        out[f"rotation_{mode}"] = result
+    return out
+
+
+def forward_times(args: argparse.Namespace) -> dict[str, Any]:
+    from denoiserotator.assets import fetch_smollm2
+    from denoiserotator.export import load_model
+    from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
+    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.settings import RotationSettings
+
+    model_dir = fetch_smollm2(args.cache)
+    ids = torch.randint(0, 49152, (1, args.forward_tokens), generator=torch.Generator().manual_seed(0))
+    settings = PruneSettings(pruner="none", pattern=None, rotation=RotationSettings(steps=2))
+    plain, _ = load_model(model_dir)
+    merged, _ = load_model(model_dir)
+    result = run_pipeline(merged, ids[:, :64].repeat(2, 1), settings, progress=False)
+    merged = attach_boundary_rotations(result.model, result.boundary)
+    unmerged, _ = load_model(model_dir)
+    run_pipeline(unmerged, ids[:, :64].repeat(2, 1), settings, progress=False, merge_boundaries=False)
+    models = {"unrotated": plain.eval(), "merged": merged.eval(), "unmerged": unmerged.eval()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(ids)
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(ids)
+                times[name].append(time.perf_counter() - started)
+        reference = models["unrotated"](ids).logits
+        max_diff = {
+            name: float((model(ids).logits - reference).abs().max()) for name, model in models.items()
+        }
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "tokens": args.forward_tokens,
+        "repeats": args.repeats,
+        "median_seconds": medians,
+        "merged_over_unrotated": medians["merged"] / medians["unrotated"],
+        "unmerged_over_unrotated": medians["unmerged"] / medians["unrotated"],
+        "max_logit_difference_vs_unrotated": max_diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=REPO / "resources")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--forward-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", choices=("none", "denoise"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _peak_rss_child(args)
+        return
+    report = {
+        "torch_threads": torch.get_num_threads(),
+        "memory": peak_memory(args),
+        "forward": forward_times(args),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
