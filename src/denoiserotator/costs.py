@@ -2,22 +2,32 @@
 
 The stages keep the whole model on the host in its dtype (4 bytes per parameter in float32, 2
 in bfloat16) and move one decoder layer at a time to the GPU; the prune stage also holds the
-calibration activations (three copies of nsamples × seqlen × hidden, hidden ≤ 8192). Rotation
-time follows the paper's 0.124 s per step per layer on an A100 for an 8B model, scaled linearly
-with size, with a 1.5× margin. A model entry's `resources` block overrides any value per step;
-every value doubles with each retry (`attempt`).
+calibration activations (three copies of nsamples × seqlen × hidden, hidden ≤ 8192). The prune
+step's time is the counted work of the job (`denoiserotator.flops.prune_job`: Gram collections,
+rotation training, SparseGPT, propagation) on the GPU model the SLURM profile asks for
+(DENOISEROTATOR_GPU_MODEL, default a100; the CPU row of `flops.DEVICES` without a GPU), with a
+COMPUTE_MARGIN× margin, on top of the fixed allowance for loading and saving; this needs the
+model entry's shape fields (hidden, layers, intermediate, heads, kv_heads). Without them, rotation
+time falls back to the paper's 0.124 s per step per layer on an A100 for an 8B model, scaled
+linearly with size, with a 1.5× margin. A model entry's `resources` block overrides any value per
+step; every value doubles with each retry (`attempt`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from .experiment import Experiment
+from . import flops
+from .experiment import Experiment, pattern_from_slug
+from .pruners import parse_pattern
 
 # Host memory per parameter-GB of the model, by stage: what each holds besides the weights.
 MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5}
 DEFAULT_MEMORY_FACTOR = 1.2
-SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers)
+SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers); fallback without shapes
+COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assumptions (flops.DEVICES)
+GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # what profiles/slurm asks sbatch for
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
 
 
@@ -51,18 +61,81 @@ def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
     return int(1024 * (weights_gb * factor + min(activations_gb, 64.0) + 3.0)) * attempt
 
 
-def runtime(exp: Experiment, model: str, step: str, rotated: bool = False, attempt: int = 1) -> int:
-    """Minutes: 20 + 6 per billion parameters, plus rotation training (rotated prune jobs) or
-    LoRA steps (finetune); × CPU_SLOWDOWN without a GPU."""
+def runtime(
+    exp: Experiment,
+    model: str,
+    step: str,
+    rotated: bool = False,
+    attempt: int = 1,
+    variant: str | None = None,
+) -> int:
+    """Minutes: 20 + 6 per billion parameters (loading, saving), plus the prune job's modelled
+    compute (`prune_seconds` × COMPUTE_MARGIN; when the model entry has no shape fields: the
+    paper's rotation time for rotated rows) or LoRA steps (finetune); × CPU_SLOWDOWN without a GPU
+    (on the fixed part; the modelled part uses the CPU's rate). `variant`: the prune job's folder
+    name (pruner, pattern), e.g. "sparsegpt_2-4_dr-1a2b3c4d"; without it SparseGPT, unstructured
+    (the most expensive) is assumed."""
     value = _override(exp, model, step, "runtime")
     if value:
         return value * attempt
     size = exp.models[model]["params_b"]
     minutes = 20 + 6 * size
-    if step == "prune" and rotated:
-        minutes += 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
-    elif step == "finetune":
-        minutes += 10 * size * exp.lora.steps / 1024
     if not uses_gpu(exp):
         minutes *= CPU_SLOWDOWN
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    if step == "prune" and shape is not None:
+        minutes += COMPUTE_MARGIN * prune_seconds(exp, model, rotated, variant) / 60
+    elif step == "prune" and rotated:
+        fallback = 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
+        minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
+    elif step == "finetune":
+        minutes += 10 * size * exp.lora.steps / 1024 * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
     return int(minutes) * attempt
+
+
+def compute_device(exp: Experiment) -> flops.Device:
+    """The `flops.DEVICES` entry jobs run on: the profile's GPU model (unknown or unset: A100), or
+    the CPU."""
+    if not uses_gpu(exp):
+        return flops.DEVICES["cpu"]
+    return flops.device_for(os.environ.get(GPU_MODEL_VARIABLE, "a100"))
+
+
+def _pruner_and_nm(variant: str | None) -> tuple[str, int | None]:
+    if variant is None:
+        return "sparsegpt", None
+    pruner, pattern_slug = variant.split("_", 2)[:2]
+    if pruner == "none":
+        return "none", None
+    pattern = parse_pattern(pattern_from_slug(pattern_slug))
+    return pruner, None if pattern.kind != "nm" else int(pattern.m)  # type: ignore[arg-type]
+
+
+def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None = None) -> flops.Work:
+    """Counted work of one prune job (`flops.prune_job`) from the config. Raises ValueError when
+    the model entry has no shape fields."""
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    if shape is None:
+        raise ValueError(f"model {model!r} has no shape fields ({', '.join(flops.LayerShape.FIELDS)})")
+    pruner, nm = _pruner_and_nm(variant)
+    calib = exp.calibration
+    return flops.prune_job(
+        shape,
+        tokens=calib.nsamples * calib.seqlen,
+        seqlen=calib.seqlen,
+        pruner=pruner,
+        rotation_score=exp.rotation.score_for(pruner) if rotated else None,
+        steps=exp.rotation.steps,
+        learn_r2=exp.rotation.learn_r2,
+        variant=exp.rotation.loss_variant,
+        blocksize=exp.pruning.sparsegpt_blocksize,
+        nm=nm,
+        compute=flops.precision_of(exp.model_dtype(model)),
+        gram="fp32" if uses_gpu(exp) else "fp64",
+    )
+
+
+def prune_seconds(exp: Experiment, model: str, rotated: bool, variant: str | None = None) -> float:
+    """Modelled seconds of one prune job's compute on `compute_device` (no margin)."""
+    work = prune_work(exp, model, rotated, variant)
+    return flops.seconds(work, compute_device(exp), threads(exp, model, "prune"))

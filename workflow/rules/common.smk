@@ -109,5 +109,6 @@ def get_mem_mb(step: str):
 def get_runtime(step: str):
     def runtime(wildcards, attempt) -> int:
         rotated = step == "prune" and not wildcards.variant.endswith("_none")
-        return costs.runtime(EXP, _model_of(wildcards), step, rotated, attempt)
+        variant = wildcards.variant if step == "prune" else None
+        return costs.runtime(EXP, _model_of(wildcards), step, rotated, attempt, variant=variant)
     return runtime
