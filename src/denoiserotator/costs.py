@@ -10,6 +10,7 @@ every value doubles with each retry (`attempt`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .experiment import Experiment
@@ -66,3 +67,37 @@ def runtime(exp: Experiment, model: str, step: str, rotated: bool = False, attem
     if not uses_gpu(exp):
         minutes *= CPU_SLOWDOWN
     return int(minutes) * attempt
+
+
+# ----------------------------------------------------------------------------------------------
+# how a GPU request reaches sbatch (snakemake-executor-plugin-slurm 2.8.0, utils.set_gres_string):
+#   gpu_model set -> --gpus=<model>:<gpu>  (even when gpu is 0: "--gpus=a100:0")
+#   gpu > 0 only  -> --gpus=<gpu>
+#   gres set      -> --gres=<gres>         (and a "gpu" resource would add --gpus as well)
+# So the model and the gres string are only set when the job really asks for GPUs, and the gres
+# route leaves the gpu count at 0. The GPU model and the route are properties of the cluster:
+# they come from the environment (profiles/slurm/profile.yaml documents them).
+
+GPU_MODEL_ENV = "DENOISEROTATOR_GPU_MODEL"
+GPU_FLAG_ENV = "DENOISEROTATOR_GPU_FLAG"
+DEFAULT_GPU_MODEL = "a100"
+GPU_FLAGS = ("gpus", "gres")
+
+
+def gpu_request(count: int, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The `gpu`, `gpu_model` and `gres` resources of a job that needs `count` GPUs.
+
+    `environ`: DENOISEROTATOR_GPU_MODEL (unset: "a100"; "" for untyped GPUs) and
+    DENOISEROTATOR_GPU_FLAG ("gpus", the default: `--gpus=<model>:<n>`; "gres":
+    `--gres=gpu:<model>:<n>` for clusters whose SelectType rejects `--gpus`). With `count` 0
+    every value is empty, so sbatch gets no GPU flag at all. Raises ValueError for another flag.
+    """
+    flag = environ.get(GPU_FLAG_ENV, "").strip() or "gpus"
+    if flag not in GPU_FLAGS:
+        raise ValueError(f"{GPU_FLAG_ENV} must be one of {GPU_FLAGS}, not {flag!r}")
+    model = environ.get(GPU_MODEL_ENV, DEFAULT_GPU_MODEL).strip()
+    if count <= 0:
+        return {"gpu": 0, "gpu_model": "", "gres": ""}
+    if flag == "gres":
+        return {"gpu": 0, "gpu_model": "", "gres": f"gpu:{model}:{count}" if model else f"gpu:{count}"}
+    return {"gpu": count, "gpu_model": model, "gres": ""}
