@@ -4,7 +4,8 @@ Snakemake plans the demo and the paper configs through `--profile profiles/slurm
 nothing is submitted, no SLURM command is called); the resources it prints for each job are then
 handed to the plugin's own sbatch builder (snakemake-executor-plugin-slurm 2.8.0:
 `submit_string.get_submit_command` + `utils.set_gres_string`, exactly what `Executor.run_job`
-concatenates). Claims:
+concatenates). A dry run prints no thread counts, so the CPU flag is not what is checked here.
+Claims:
 
 * a job that needs no GPU gets no GPU flag at all (the demo computes on the CPU: gpu 0);
 * paper-grid GPU jobs get `--gpus=a100:<n>` by default, `--gpus=<n>` with an empty
