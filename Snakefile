@@ -26,6 +26,7 @@ wildcard_constraints:
     set=r"[A-Za-z0-9_]+",
     pplid=r"[0-9a-f]{8}",
     zsid=r"[0-9a-f]{8}",
+    dataset=r"c4|wikitext2|lm-eval",
 
 
 include: "workflow/rules/assets.smk"
@@ -39,6 +40,8 @@ localrules:
     all,
     fetch_model,
     fetch_corpus,
+    fetch_dataset,
+    fetch_all,
     zeroshot_fixtures,
     tables,
 

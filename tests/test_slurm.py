@@ -206,14 +206,9 @@ def snakemake(workdir: Path, *extra: str) -> Run:
         sys.executable, "-m", "snakemake", "--profile", "slurm", "--profile", ".test-profile",
         *TARGETS, "--configfile", CONFIG, *extra,
     ]  # fmt: skip
-    # the test config computes on the CPU; the profile then still requests one (fake) GPU per
-    # GPU rule, so GPU scheduling is what gets tested
-    env = dict(
-        os.environ,
-        SLURM_ACCOUNT=ACCOUNT,
-        DENOISEROTATOR_GPU_MODEL=GPU_MODEL,
-        DENOISEROTATOR_SLURM_TEST_GPUS="1",
-    )
+    # the test config computes on the CPU but requests compute.gpus (1) GPUs per GPU rule, so
+    # GPU scheduling on the (fake) GPUs is what gets tested
+    env = dict(os.environ, SLURM_ACCOUNT=ACCOUNT, DENOISEROTATOR_GPU_MODEL=GPU_MODEL)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode in (124, 137):
@@ -249,7 +244,7 @@ def test_jobs_ran_with_declared_resources(first_run: Run) -> None:
             assert int(tres["cpu"]) >= job.threads, f"{where} {column}: {rec[column]}"
             assert int(tres.get("gres/gpu", 0)) == job.gpu, f"{where} {column}: {rec[column]}"
             if job.gpu:
-                # the GPU model comes from the profile, not from the rule
+                # the GPU model comes from the environment (DENOISEROTATOR_GPU_MODEL)
                 assert job.gpu_model == (GPU_MODEL or None), f"{where}: gpu_model {job.gpu_model}"
                 if GPU_MODEL:
                     assert int(tres.get(f"gres/gpu:{GPU_MODEL}", 0)) == job.gpu, f"{where}: {rec[column]}"
@@ -304,18 +299,22 @@ def _profile(**env: str) -> dict:
                 os.environ[k] = v
 
 
-def test_profile_gives_every_gpu_rule_the_gpu_model() -> None:
-    """Runs in `make test`: the profile's GPU rule list must follow renames in the workflow."""
+def test_gpu_rules_declare_count_model_and_gres_together() -> None:
+    """Runs in `make test`: every rule with a gpu count also declares gpu_model and gres from the
+    same request (costs.gpu_request), and the profile sets no GPU resource of its own (a
+    profile-wide gpu_model gave 0-GPU jobs `--gpus=a100:0`; tests/test_sbatch_flags.py)."""
     gpu_rules = set()
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         for block in re.split(r"^(?=rule |localrule )", smk.read_text(), flags=re.M):
             name = re.match(r"(?:local)?rule (\w+):", block)
             if name and re.search(r"^\s+gpu\s*=", block, flags=re.M):
                 gpu_rules.add(name.group(1))
+                for key in ("gpu_model", "gres"):
+                    declared = rf'^\s+{key}=get_gpu\("\w+", "{key}"\),$'
+                    assert re.search(declared, block, flags=re.M), (name.group(1), key)
     assert gpu_rules, "no rule declares a gpu resource"
     profile = _profile(DENOISEROTATOR_GPU_MODEL="a100", SLURM_ACCOUNT="acct", SLURM_PARTITION="")
-    assert set(profile["set-resources"]) == gpu_rules
-    assert all(r == {"gpu_model": "a100"} for r in profile["set-resources"].values())
+    assert "set-resources" not in profile
     assert profile["default-resources"]["slurm_account"] == "acct"
     assert profile["default-resources"]["slurm_partition"] is None
     assert profile["executor"] == "slurm"

@@ -114,6 +114,42 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
         assert (workdir / "results/tables" / name).stat().st_size > 0
 
 
+OFFLINE_LINE = "hub offline: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
+COMPUTE_RULES = ("calibrate", "prune", "finetune", "perplexity", "zeroshot", "sparsity")
+
+
+def test_compute_jobs_ran_with_the_hub_offline(workdir: Path) -> None:
+    """Every compute job's log says it switched the hub offline (logs.offline, which refuses to
+    run after a hub library was imported); the local fetch rules stay online."""
+    for rule in COMPUTE_RULES:
+        logs = list((workdir / "results/logs" / rule).rglob("*.log"))
+        assert logs, rule
+        for log in logs:
+            assert OFFLINE_LINE in log.read_text(), log
+    fetches = list((workdir / "results/logs/fetch_model").rglob("*.log"))
+    assert fetches and not any(OFFLINE_LINE in log.read_text() for log in fetches)
+
+
+def test_compute_job_with_a_missing_copy_names_it(tmp_path: Path) -> None:
+    """Calibration on the hub's C4 reads resources/datasets/c4; a copy without the train shard
+    fails the job with one line naming the file and the fetch rule."""
+    from denoiserotator.experiment import Experiment
+
+    from .test_experiment import load
+
+    dest = _copy_workflow(tmp_path)
+    overlay = _overlay(dest, "c4.yaml", {"calibration": {"source": "c4"}})
+    (dest / "resources/datasets/c4/en").mkdir(parents=True)  # present, but without the train shard
+    calib = Experiment(load("test.yaml", calibration={"source": "c4"})).calib_id()
+    target = f"results/calib/tiny-llama/{calib}.pt"
+    proc = snakemake(dest, target, "--cores", "1", "--configfile", "config/test.yaml", overlay)
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-4000:]
+    log = (dest / f"results/logs/calibrate/tiny-llama/{calib}.log").read_text()
+    expected = ("missing resources/datasets/c4/en/c4-train.00000-of-01024.json.gz: "
+                "run the fetch_dataset rule on a machine with internet")  # fmt: skip
+    assert expected in log and OFFLINE_LINE in log, log[-3000:]
+
+
 def test_calibration_records_its_hash(workdir: Path) -> None:
     import json
 
@@ -171,6 +207,8 @@ def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     counts, outputs = dry_run(fresh, "results/tables/main.csv")
     # the paper's eight models (its appendix tables include LLaMA-3.2-1B)
     assert counts["fetch_model"] == 8 and counts["prune"] == 8 * 19
+    # C4, WikiText-2 and the lm-eval tasks: downloaded by local rules, read by the compute jobs
+    assert counts["fetch_dataset"] == 3
     # 20 rows per model: dense, 3 pruners x 3 patterns (50%, 2:4, 4:8) x 2 rotations, rotation-only
     assert counts["perplexity"] == 8 * 20 * 2 and counts["zeroshot"] == 8 * 20
     assert any("_4-8_" in path for path in outputs) and any("/llama3.2-1b/" in path for path in outputs)

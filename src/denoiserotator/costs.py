@@ -16,6 +16,7 @@ step; every value doubles with each retry (`attempt`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from . import flops
@@ -27,7 +28,7 @@ MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5}
 DEFAULT_MEMORY_FACTOR = 1.2
 SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers); fallback without shapes
 COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assumptions (flops.DEVICES)
-GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # what profiles/slurm asks sbatch for
+GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # the cluster's GPU model (see gpu_request below)
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
 
 
@@ -98,7 +99,7 @@ def compute_device(exp: Experiment) -> flops.Device:
     the CPU."""
     if not uses_gpu(exp):
         return flops.DEVICES["cpu"]
-    return flops.device_for(os.environ.get(GPU_MODEL_VARIABLE, "a100"))
+    return flops.device_for(os.environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL) or DEFAULT_GPU_MODEL)
 
 
 def _pruner_and_nm(variant: str | None) -> tuple[str, int | None]:
@@ -139,3 +140,37 @@ def prune_seconds(exp: Experiment, model: str, rotated: bool, variant: str | Non
     """Modelled seconds of one prune job's compute on `compute_device` (no margin)."""
     work = prune_work(exp, model, rotated, variant)
     return flops.seconds(work, compute_device(exp), threads(exp, model, "prune"))
+
+
+# ----------------------------------------------------------------------------------------------
+# how a GPU request reaches sbatch (snakemake-executor-plugin-slurm 2.8.0, utils.set_gres_string):
+#   gpu_model set -> --gpus=<model>:<gpu>  (even when gpu is 0: "--gpus=a100:0")
+#   gpu > 0 only  -> --gpus=<gpu>
+#   gres set      -> --gres=<gres>         (and a "gpu" resource would add --gpus as well)
+# So the model and the gres string are only set when the job really asks for GPUs, and the gres
+# route leaves the gpu count at 0. The GPU model and the route are properties of the cluster:
+# they come from the environment (profiles/slurm/profile.yaml documents them).
+
+GPU_MODEL_ENV = GPU_MODEL_VARIABLE
+GPU_FLAG_ENV = "DENOISEROTATOR_GPU_FLAG"
+DEFAULT_GPU_MODEL = "a100"
+GPU_FLAGS = ("gpus", "gres")
+
+
+def gpu_request(count: int, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The `gpu`, `gpu_model` and `gres` resources of a job that needs `count` GPUs.
+
+    `environ`: DENOISEROTATOR_GPU_MODEL (unset: "a100"; "" for untyped GPUs) and
+    DENOISEROTATOR_GPU_FLAG ("gpus", the default: `--gpus=<model>:<n>`; "gres":
+    `--gres=gpu:<model>:<n>` for clusters whose SelectType rejects `--gpus`). With `count` 0
+    every value is empty, so sbatch gets no GPU flag at all. Raises ValueError for another flag.
+    """
+    flag = environ.get(GPU_FLAG_ENV, "").strip() or "gpus"
+    if flag not in GPU_FLAGS:
+        raise ValueError(f"{GPU_FLAG_ENV} must be one of {GPU_FLAGS}, not {flag!r}")
+    model = environ.get(GPU_MODEL_ENV, DEFAULT_GPU_MODEL).strip()
+    if count <= 0:
+        return {"gpu": 0, "gpu_model": "", "gres": ""}
+    if flag == "gres":
+        return {"gpu": 0, "gpu_model": "", "gres": f"gpu:{model}:{count}" if model else f"gpu:{count}"}
+    return {"gpu": count, "gpu_model": model, "gres": ""}

@@ -43,6 +43,29 @@ C4_VALIDATION_WINDOWS = 256
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 # Below this many documents longer than seqlen, "auto" uses the joined stream (see module doc).
 MIN_LONG_DOCUMENTS = 8
+# The workflow's local rule that downloads the hub datasets (denoiserotator.assets.fetch_dataset).
+FETCH_RULE = "fetch_dataset"
+
+
+class MissingAssetError(FileNotFoundError):
+    """A local copy a compute job reads is missing; the message names it and the rule that fetches it."""
+
+
+def missing(path: str | Path, rule: str = FETCH_RULE) -> MissingAssetError:
+    """The one-line error for a missing local copy (compute nodes cannot download it themselves)."""
+    return MissingAssetError(f"missing {path}: run the {rule} rule on a machine with internet")
+
+
+def hub_offline() -> bool:
+    """Whether this process must not reach the hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))  # fmt: skip
+
+
+def _require_hub(source: str, local: str) -> None:
+    if hub_offline():
+        raise MissingAssetError(f"{source!r} needs the hub, which is offline here: use {local} "
+                                f"(fetched by the {FETCH_RULE} rule on a machine with internet)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +83,15 @@ def _read_paragraphs(path: Path) -> list[str]:
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
+def _c4_local(folder: Path, file: str) -> list[str]:
+    path = Path(folder) / file
+    if not path.is_file():
+        raise missing(path)
+    return _read_jsonl_texts(path)
+
+
 def _c4_hub(file: str, split: str) -> list[str]:
+    _require_hub("c4", "c4-local:<dir>")
     import datasets
 
     dataset = datasets.load_dataset(C4_HUB, data_files={split: file}, split=split)
@@ -68,6 +99,7 @@ def _c4_hub(file: str, split: str) -> list[str]:
 
 
 def _wikitext_hub(split: str) -> list[str]:
+    _require_hub("wikitext2", "wikitext2-local:<dir>")
     import datasets
 
     return list(datasets.load_dataset(*WIKITEXT_HUB, split=split)["text"])
@@ -87,7 +119,8 @@ def _wikitext_local(folder: Path, split: str) -> list[str]:
             import datasets
 
             return [text for file in arrow for text in datasets.Dataset.from_file(str(file))["text"]]
-    raise FileNotFoundError(f"no {split}-*.parquet or *{split}*.arrow under {folder} (hub layout expected)")
+    # hub layout expected: <folder>/wikitext-2-raw-v1/<split>-*.parquet (what fetch_dataset writes)
+    raise missing(folder / WIKITEXT_HUB[1] / f"{split}-*.parquet")
 
 
 def _split_source(source: str) -> tuple[str, str | None]:
@@ -101,7 +134,7 @@ def calibration_documents(source: str) -> list[str]:
     if kind == "c4":
         return _c4_hub(C4_TRAIN_FILE, "train")
     if kind == "c4-local" and arg:
-        return _read_jsonl_texts(Path(arg) / C4_TRAIN_FILE)
+        return _c4_local(Path(arg), C4_TRAIN_FILE)
     if kind == "wikitext2":
         return [t for t in _wikitext_hub("train") if t.strip()]
     if kind == "wikitext2-local" and arg:
@@ -127,7 +160,7 @@ def perplexity_text(dataset: str, split: str = "test") -> tuple[str, dict[str, A
         if kind == "c4":
             texts = _c4_hub(C4_VALIDATION_FILE, "validation")[:C4_VALIDATION_DOCS]
         else:
-            texts = _read_jsonl_texts(Path(arg) / C4_VALIDATION_FILE)[:C4_VALIDATION_DOCS]
+            texts = _c4_local(Path(arg), C4_VALIDATION_FILE)[:C4_VALIDATION_DOCS]
         return " ".join(texts), {"join": " ", "documents": len(texts), "split": "validation",
                                  "max_windows": C4_VALIDATION_WINDOWS}
     if kind == "json" and arg:

@@ -41,6 +41,10 @@ VARIANT_RE = rf"({_PRUNER_RE})_([0-9]+pct|[0-9]+-[0-9]+)_(none|dr-[0-9a-f]{{8}})
 ROW_RE = rf"[a-z0-9][a-z0-9.-]*/(dense|c-[0-9a-f]{{8}}/({VARIANT_RE})(/lora-[0-9a-f]{{8}})?)"
 
 
+# hub sources -> the package's syntax for their local copy (denoiserotator.data)
+HUB_SOURCES = {"c4": "c4-local", "wikitext2": "wikitext2-local"}
+
+
 def pattern_slug(pattern: str) -> str:
     """'50%' -> '50pct', '2:4' -> '2-4' (file-name safe, reversible)."""
     return str(parse_pattern(pattern)).replace("%", "pct").replace(":", "-")
@@ -197,15 +201,41 @@ class Experiment:
             else f"{self.resources_dir}/corpus"
         )
 
+    def dataset_dir(self, name: str) -> str:
+        """Local copy of a hub dataset (c4, wikitext2, lm-eval), written by the fetch_dataset rule."""
+        return f"{self.resources_dir}/datasets/{name}"
+
     def resolve_source(self, spec: str) -> str:
-        """corpus:NAME -> json:<corpus>/NAME.jsonl; any other source is the package's own syntax."""
+        """corpus:NAME -> json:<corpus>/NAME.jsonl; the hub names c4 and wikitext2 -> their local
+        copies (c4-local:<resources>/datasets/c4, ...), so compute jobs never download; any
+        other source is the package's own syntax."""
         if spec.startswith("corpus:"):
             return f"json:{self.corpus_dir()}/{spec.split(':', 1)[1]}.jsonl"
+        if spec in HUB_SOURCES:
+            return f"{HUB_SOURCES[spec]}:{self.dataset_dir(spec)}"
         return spec
 
     def corpus_inputs(self, spec: str) -> list[str]:
-        """The corpus folder when a source names it, so that its fetch runs first."""
-        return [self.corpus_dir()] if spec.startswith("corpus:") else []
+        """The corpus folder or the hub dataset's local copy a source reads, so its fetch runs first."""
+        if spec.startswith("corpus:"):
+            return [self.corpus_dir()]
+        return [self.dataset_dir(spec)] if spec in HUB_SOURCES else []
+
+    def zeroshot_task_dir(self) -> str:
+        """The lm-eval task YAMLs the zero-shot rule reads: the local fixtures or the hub copy."""
+        return self.fixtures_dir() if self.zeroshot.source == "local" else self.dataset_dir("lm-eval")
+
+    def fetch_targets(self) -> list[str]:
+        """Everything this config downloads (local rules, run once on a machine with internet)."""
+        sources = [self.calibration.source, *(s.dataset for s in self.perplexity.values())]
+        if self.config["finetune"]["rows"]:
+            sources.append(self.finetune_data.source)
+        targets = [self.base_model_dir(m) for m, entry in self.models.items()
+                   if not entry["source"].startswith("local:")]  # fmt: skip
+        targets += [path for spec in sources for path in self.corpus_inputs(spec)]
+        if self.zeroshot.tasks:
+            targets.append(self.zeroshot_task_dir())
+        return sorted(set(targets))
 
     def fixtures_dir(self) -> str:
         z = self.zeroshot

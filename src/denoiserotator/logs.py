@@ -1,17 +1,45 @@
-"""One way for workflow scripts to log: everything they print goes to the rule's `log:` file."""
+"""One way for workflow scripts to log: everything they print goes to the rule's `log:` file.
+
+Compute jobs (`log_to(..., offline=True)`) also switch the Hugging Face libraries offline: compute
+nodes often have no internet, and everything they read was fetched by a local rule into
+`resources/` (README, "Running on a cluster").
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
+# read by huggingface_hub, datasets and transformers when they are imported
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_HUB_MODULES = ("huggingface_hub", "datasets", "transformers", "lm_eval")
 
-def log_to(path: str, threads: int | None = None) -> None:
-    """Send stdout, stderr and `logging` (INFO) to `path` (line-buffered); set torch's threads."""
+
+def offline() -> dict[str, str]:
+    """Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE to 1 and log it.
+
+    Must run before any hub library is imported (they read the variables once, at import):
+    raises RuntimeError naming the modules already imported otherwise. Returns the variables set.
+    """
+    imported = [name for name in _HUB_MODULES if name in sys.modules]
+    if imported:
+        raise RuntimeError(f"offline() after {imported} were imported: they would stay online")
+    values = {name: "1" for name in HUB_OFFLINE_VARIABLES}
+    os.environ.update(values)
+    logging.info("hub offline: %s", " ".join(f"{k}={v}" for k, v in values.items()))
+    return values
+
+
+def log_to(path: str, threads: int | None = None, offline_hub: bool = False) -> None:
+    """Send stdout, stderr and `logging` (INFO) to `path` (line-buffered); set torch's threads;
+    with `offline_hub`, switch the hub libraries offline first (`offline`)."""
     stream = open(path, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
     sys.stdout = sys.stderr = stream
     layout = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(stream=stream, level=logging.INFO, format=layout, force=True)
+    if offline_hub:
+        offline()
     if threads:
         import torch
 

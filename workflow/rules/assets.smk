@@ -51,3 +51,26 @@ rule zeroshot_fixtures:
         "../../envs/cluster.yaml"
     script:
         "../scripts/zeroshot_fixtures.py"
+
+
+# C4 shards, WikiText-2 raw, the lm-eval tasks' evaluation splits (hub names in the config are
+# read from these copies: denoiserotator.experiment.Experiment.resolve_source).
+rule fetch_dataset:
+    output:
+        directory(f"{RES}/datasets/{{dataset}}"),
+    log:
+        "results/logs/fetch_dataset/{dataset}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/cluster.yaml"
+    script:
+        "../scripts/fetch_dataset.py"
+
+
+# Every download the config needs, in one go (on a login node: `snakemake --cores 1 fetch_all`).
+rule fetch_all:
+    input:
+        get_fetch_targets,

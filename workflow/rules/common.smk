@@ -2,6 +2,8 @@
 # ids live in denoiserotator.experiment, the resource requests in denoiserotator.costs (both
 # tested without Snakemake); the rules call the get_* functions below (no lambdas in rules).
 
+import os
+
 from snakemake.utils import validate
 
 from denoiserotator import costs
@@ -71,12 +73,15 @@ def get_ppl_params(wildcards) -> dict:
 def get_zeroshot_inputs(wildcards) -> dict:
     if wildcards.zsid != EXP.zeroshot_id():
         raise ValueError(f"zeroshot-{wildcards.zsid} does not match the configured tasks ({EXP.zeroshot_id()})")
-    fixtures = {"fixtures": EXP.fixtures_dir()} if EXP.zeroshot.source == "local" else {}
-    return {"model": get_eval_model(wildcards), **fixtures}
+    return {"model": get_eval_model(wildcards), "tasks": EXP.zeroshot_task_dir()}
 
 
 def get_zeroshot_params(wildcards) -> dict:
     return {"settings": EXP.zeroshot.to_dict(), "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+
+
+def get_fetch_targets(wildcards) -> list:
+    return EXP.fetch_targets()
 
 
 def get_table_inputs(wildcards) -> list:
@@ -98,8 +103,9 @@ def get_threads(step: str):
     return lambda wildcards: costs.threads(EXP, _model_of(wildcards), step)
 
 
-def get_gpu(step: str):
-    return lambda wildcards: costs.gpus(EXP, _model_of(wildcards), step)
+def get_gpu(step: str, key: str = "gpu"):
+    # gpu count, gpu_model and gres together: no GPU flag at all for a 0-GPU job (costs.gpu_request)
+    return lambda wildcards: costs.gpu_request(costs.gpus(EXP, _model_of(wildcards), step), os.environ)[key]
 
 
 def get_mem_mb(step: str):

@@ -14,6 +14,8 @@ rule perplexity:
         mem_mb=get_mem_mb("perplexity"),
         runtime=get_runtime("perplexity"),
         gpu=get_gpu("perplexity"),
+        gpu_model=get_gpu("perplexity", "gpu_model"),
+        gres=get_gpu("perplexity", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
@@ -36,6 +38,8 @@ rule zeroshot:
         mem_mb=get_mem_mb("zeroshot"),
         runtime=get_runtime("zeroshot"),
         gpu=get_gpu("zeroshot"),
+        gpu_model=get_gpu("zeroshot", "gpu_model"),
+        gres=get_gpu("zeroshot", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:

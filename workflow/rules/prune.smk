@@ -15,6 +15,8 @@ rule prune:
         mem_mb=get_mem_mb("prune"),
         runtime=get_runtime("prune"),
         gpu=get_gpu("prune"),
+        gpu_model=get_gpu("prune", "gpu_model"),
+        gres=get_gpu("prune", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
@@ -38,6 +40,8 @@ rule finetune:
         mem_mb=get_mem_mb("finetune"),
         runtime=get_runtime("finetune"),
         gpu=get_gpu("finetune"),
+        gpu_model=get_gpu("finetune", "gpu_model"),
+        gres=get_gpu("finetune", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:

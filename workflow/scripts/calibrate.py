@@ -4,7 +4,7 @@ from pathlib import Path
 
 from denoiserotator.logs import log_to
 
-log_to(snakemake.log[0])  # noqa: F821
+log_to(snakemake.log[0], offline_hub=True)  # noqa: F821  (compute job)
 
 from denoiserotator.calibrate import calibrate_stage  # noqa: E402
 from denoiserotator.settings import CalibrationSettings  # noqa: E402

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from denoiserotator.logs import log_to
 
-log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
+log_to(snakemake.log[0], snakemake.threads, offline_hub=True)  # noqa: F821  (compute job)
 
 from denoiserotator.evaluate.perplexity import perplexity_stage  # noqa: E402
 from denoiserotator.settings import ComputeSettings, PerplexitySettings  # noqa: E402

@@ -4,15 +4,14 @@ from pathlib import Path
 
 from denoiserotator.logs import log_to
 
-log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
+log_to(snakemake.log[0], snakemake.threads, offline_hub=True)  # noqa: F821  (compute job)
 
 from denoiserotator.evaluate.zeroshot import zeroshot_stage  # noqa: E402
 from denoiserotator.settings import ComputeSettings, ZeroshotSettings  # noqa: E402
 
 params = snakemake.params.settings  # noqa: F821
-fixtures = snakemake.input.get("fixtures")  # noqa: F821
 zeroshot_stage(
     Path(snakemake.input.model), Path(snakemake.output[0]),  # noqa: F821
     ZeroshotSettings.from_mapping(params["settings"]), ComputeSettings.from_mapping(params["compute"]),
-    task_dir=Path(fixtures) if fixtures else None,
+    task_dir=Path(snakemake.input.tasks),  # noqa: F821  (fixtures or the hub tasks' local copy)
 )  # fmt: skip

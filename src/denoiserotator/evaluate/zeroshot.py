@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from denoiserotator.assets import LOCAL_TASK_PREFIX
+from denoiserotator.assets import COMPLETE_MARKER, HUB_TASKS_KIND, LOCAL_TASK_PREFIX
+from denoiserotator.data import FETCH_RULE, MissingAssetError, hub_offline, missing
 from denoiserotator.jsonio import write_json
 from denoiserotator.settings import DTYPES, ComputeSettings, ZeroshotSettings
 from denoiserotator.settings import ZEROSHOT_TASKS as TASKS
@@ -49,9 +50,14 @@ def zeroshot(
     task_dir: Path | None = None,
     device: str = "cpu",
     log_samples: bool = False,
+    fetch_rule: str = "zeroshot_fixtures",
 ) -> dict[str, Any]:
     """Run lm-eval 0-shot on ``tasks`` and return the paper's metric per task and their mean.
 
+    ``task_dir``: ``local_<task>`` YAMLs, either substitute fixtures (``build_zeroshot_fixtures``)
+    or the hub tasks' local copy (``fetch_dataset("lm-eval")``, labelled "hub (local copy)");
+    a missing YAML raises MissingAssetError naming it and ``fetch_rule``. Without ``task_dir``
+    lm-eval reads the hub, which raises MissingAssetError when the hub is offline.
     ``log_samples=True`` adds lm-eval's per-item records under ``"samples"`` (for checks).
     """
     import lm_eval
@@ -64,12 +70,21 @@ def zeroshot(
     if task_dir is not None:
         task_dir = Path(task_dir).resolve()
         names = {t: LOCAL_TASK_PREFIX + t for t in tasks}
-        missing = [n for n in names.values() if not (task_dir / f"{n}.yaml").is_file()]
-        if missing:
-            raise FileNotFoundError(f"{task_dir} lacks {missing}; build it with denoiserotator.assets")
+        absent = [task_dir / f"{n}.yaml" for n in names.values() if not (task_dir / f"{n}.yaml").is_file()]
+        if absent:
+            raise missing(absent[0], fetch_rule)
         _check_includes(task_dir, list(names.values()))
         manager = TaskManager(include_path=str(task_dir))
+        marker = task_dir / COMPLETE_MARKER
+        kind = json.loads(marker.read_text()).get("kind") if marker.is_file() else None
+        task_source = "hub (local copy)" if kind == HUB_TASKS_KIND else "local fixtures (substitute items)"
     else:
+        if hub_offline():
+            raise MissingAssetError(
+                "the hub zero-shot tasks need the hub, which is offline here: pass "
+                f"the local copy made by the {FETCH_RULE} rule (lm-eval) as task_dir"
+            )
+        task_source = "hub"
         names = {t: t for t in tasks}
         manager = TaskManager()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
@@ -105,7 +120,7 @@ def zeroshot(
         num_fewshot=0,
         limit=limit,
         batch_size=batch_size,
-        task_source="local fixtures (substitute items)" if task_dir is not None else "hub",
+        task_source=task_source,
         task_dir=str(task_dir) if task_dir is not None else None,
     )
     if log_samples:
@@ -140,15 +155,18 @@ def zeroshot_stage(
     task_dir: Path | None = None,
 ) -> dict[str, Any]:
     """lm-eval zero-shot of the model folder `model_dir` (in `compute.dtype`); with `task_dir`,
-    the local fixtures instead of the hub tasks. Writes the result JSON `out` and returns it."""
+    the local task YAMLs (fixtures, or the hub tasks' local copy) instead of the hub. Writes the
+    result JSON `out` and returns it."""
     from denoiserotator.export import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     torch.manual_seed(0)
     device = compute.resolved_device()
     model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
+    fetch_rule = FETCH_RULE if settings.source == "hub" else "zeroshot_fixtures"
     result = zeroshot(model, tokenizer, list(settings.tasks), limit=settings.limit,
-                      batch_size=settings.batch_size, task_dir=task_dir, device=device)  # fmt: skip
+                      batch_size=settings.batch_size, task_dir=task_dir, device=device,
+                      fetch_rule=fetch_rule)  # fmt: skip
     result.update(model=str(model_dir), dtype=compute.dtype)
     write_json(out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}

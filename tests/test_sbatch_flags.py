@@ -1,0 +1,150 @@
+"""The sbatch lines the SLURM profile produces, without SLURM (runs in `make test`).
+
+Snakemake plans the demo and the paper configs through `--profile profiles/slurm` (a dry run:
+nothing is submitted, no SLURM command is called); the resources it prints for each job are then
+handed to the plugin's own sbatch builder (snakemake-executor-plugin-slurm 2.8.0:
+`submit_string.get_submit_command` + `utils.set_gres_string`, exactly what `Executor.run_job`
+concatenates). A dry run prints no thread counts, so the CPU flag is not what is checked here.
+Claims:
+
+* a job that needs no GPU gets no GPU flag at all (the demo computes on the CPU: gpu 0);
+* paper-grid GPU jobs get `--gpus=a100:<n>` by default, `--gpus=<n>` with an empty
+  DENOISEROTATOR_GPU_MODEL, and `--gres=gpu:a100:<n>` (and no `--gpus`) with
+  DENOISEROTATOR_GPU_FLAG=gres;
+* local rules (the fetches, the tables) are never submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from denoiserotator import costs
+
+pytest.importorskip("snakemake_executor_plugin_slurm")
+from snakemake_executor_plugin_slurm.submit_string import get_submit_command  # noqa: E402
+from snakemake_executor_plugin_slurm.utils import set_gres_string  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RULES = {"prune", "finetune", "perplexity", "zeroshot"}
+
+
+class _Resources(dict):
+    """What the plugin reads from `job.resources`: `.get(name)` and attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+
+def local_rules() -> set[str]:
+    """The Snakefile's `localrules:` (a dry run prints them as `rule` like the others)."""
+    block = (ROOT / "Snakefile").read_text().split("\nlocalrules:\n", 1)[1].split("\n\n", 1)[0]
+    return {name.strip(" ,") for name in block.split() if name.strip(" ,")}
+
+
+def planned_jobs(config: str | None, **env: str) -> list[dict[str, Any]]:
+    """Jobs of `snakemake --profile profiles/slurm -n` with their rule, threads and resources."""
+    args = ["results/tables/main.csv"] + (["--configfile", config] if config else [])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DENOISEROTATOR_")}
+    environ.update(SLURM_ACCOUNT="acct", SLURM_PARTITION="gpu", **env)
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "-n", *args],
+        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", log):
+        header = re.match(r"(local)?rule (\w+):\n", block)
+        if not header or header.group(2) == "all":
+            continue
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        line = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = _Resources()
+        for item in line.group(1).split(", ") if line else []:
+            key, _, value = item.partition("=")
+            resources[key] = int(value) if value.isdigit() else value
+        jobs.append({"rule": header.group(2), "local": header.group(2) in local_rules(),
+                     "threads": int(threads.group(1)) if threads else 1, "resources": resources})  # fmt: skip
+    assert jobs, log[-4000:]
+    return jobs
+
+
+def sbatch_line(job: dict[str, Any]) -> str:
+    """The plugin's sbatch call for a planned job (account/partition as run_job formats them)."""
+    fake = SimpleNamespace(threads=job["threads"], resources=job["resources"])
+    resources = job["resources"]
+    params = {"run_uuid": "uuid", "slurm_logfile": "logs/slurm/%j.log", "comment_str": f"rule_{job['rule']}",
+              "account": f" -A {shlex.quote(resources['slurm_account'])}",
+              "partition": f" -p {shlex.quote(resources['slurm_partition'])}",
+              "workdir": str(ROOT)}  # fmt: skip
+    return get_submit_command(fake, params) + set_gres_string(fake)
+
+
+def gpu_flags(line: str) -> list[str]:
+    return re.findall(r"--(?:gpus|gres)=\S+", line)
+
+
+def test_a_job_without_gpus_gets_no_gpu_flag() -> None:
+    jobs = [j for j in planned_jobs("config/demo.yaml") if not j["local"]]
+    assert {j["rule"] for j in jobs} >= GPU_RULES
+    for job in jobs:
+        line = sbatch_line(job)
+        assert gpu_flags(line) == [], f"{job['rule']}: {line}"
+        assert " -A acct" in line and " -p gpu" in line and f"--mem {job['resources']['mem_mb']}" in line
+
+
+def test_the_old_profile_behaviour_is_what_this_guards_against() -> None:
+    """A gpu_model set for a 0-GPU job (the profile used to set it for every GPU rule) does
+    give `--gpus=a100:0`: the plugin itself does not drop it, so the rules must not set it."""
+    resources = _Resources(gpu=0, gpu_model="a100", mem_mb=1000, slurm_account="a", slurm_partition="p")
+    job = {"rule": "prune", "threads": 2, "resources": resources}
+    assert gpu_flags(sbatch_line(job)) == ["--gpus=a100:0"]
+
+
+@pytest.mark.parametrize(
+    ("env", "flag"),
+    [({}, "--gpus=a100:{n}"), ({"DENOISEROTATOR_GPU_MODEL": ""}, "--gpus={n}"),
+     ({"DENOISEROTATOR_GPU_MODEL": "h100"}, "--gpus=h100:{n}"),
+     ({"DENOISEROTATOR_GPU_FLAG": "gres"}, "--gres=gpu:a100:{n}")],
+)  # fmt: skip
+def test_paper_grid_gpu_jobs_get_one_gpu_flag(env: dict[str, str], flag: str) -> None:
+    jobs = planned_jobs(None, **env)
+    submitted = [j for j in jobs if not j["local"]]
+    local = {j["rule"] for j in jobs if j["local"]}
+    assert local >= {"fetch_model", "fetch_dataset", "tables"} and not local & GPU_RULES
+    counts = {}
+    for job in submitted:
+        line = sbatch_line(job)
+        gpu_count = job["resources"].get("gpu", 0)
+        if job["rule"] in GPU_RULES:
+            n = int(re.search(r"--(?:gpus|gres)=\S*?(\d+)$", gpu_flags(line)[0]).group(1))
+            assert gpu_flags(line) == [flag.format(n=n)], f"{job['rule']}: {line}"
+            counts.setdefault(job["rule"], set()).add(n)
+            if "gres" in flag:
+                assert gpu_count == 0  # a gpu count as well would add --gpus
+        else:
+            assert gpu_flags(line) == [], f"{job['rule']}: {line}"
+    # the paper config asks compute.gpus GPUs per GPU job (no LoRA rows: no finetune job)
+    gpus = yaml.safe_load((ROOT / "config/config.yaml").read_text())["compute"]["gpus"]
+    assert counts == {rule: {gpus} for rule in GPU_RULES - {"finetune"}}
+
+
+def test_gpu_request_refuses_an_unknown_route() -> None:
+    with pytest.raises(ValueError, match="DENOISEROTATOR_GPU_FLAG"):
+        costs.gpu_request(1, {"DENOISEROTATOR_GPU_FLAG": "gpu"})
+    none = {"gpu": 0, "gpu_model": "", "gres": ""}
+    assert costs.gpu_request(0, {"DENOISEROTATOR_GPU_FLAG": "gres"}) == none
