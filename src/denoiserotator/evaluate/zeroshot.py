@@ -4,6 +4,10 @@ The paper reports acc_norm for PIQA, HellaSwag, ARC-e and ARC-c, acc for WinoGra
 unweighted mean of the five. With ``task_dir`` (made by ``denoiserotator.assets
 build_zeroshot_fixtures``) the tasks ``local_<task>`` are run instead: lm-eval's own prompts and
 metrics over local items built from held-out text. Those numbers are substitutes, labelled so.
+
+Each task carries lm-eval's standard error of its metric (``<metric>_stderr``: the per-item
+scores' sample standard deviation over sqrt(n)); the average carries sqrt(Σ se_i²)/k
+(``denoiserotator.uncertainty.mean_stderr``: the tasks' items are disjoint, so independent).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from denoiserotator.assets import LOCAL_TASK_PREFIX
 from denoiserotator.jsonio import write_json
 from denoiserotator.settings import DTYPES, ComputeSettings, ZeroshotSettings
 from denoiserotator.settings import ZEROSHOT_TASKS as TASKS
+from denoiserotator.uncertainty import mean_stderr
 
 METRICS: dict[str, str] = {
     "piqa": "acc_norm",
@@ -51,6 +56,10 @@ def zeroshot(
     log_samples: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval 0-shot on ``tasks`` and return the paper's metric per task and their mean.
+
+    Per task: ``value`` (fraction 0-1) and ``stderr`` (lm-eval's standard error of it, None when
+    lm-eval gives none, e.g. for a single item); ``zeroshot_avg`` with ``zeroshot_avg_stderr``
+    (sqrt(Σ se_i²)/k, None when any task's is missing).
 
     ``log_samples=True`` adds lm-eval's per-item records under ``"samples"`` (for checks).
     """
@@ -101,6 +110,7 @@ def zeroshot(
     values = [results["tasks"][t]["value"] for t in tasks]
     results.update(
         zeroshot_avg=float(sum(values) / len(values)),
+        zeroshot_avg_stderr=mean_stderr([results["tasks"][t]["stderr"] for t in tasks]),
         lm_eval_version=lm_eval.__version__ if hasattr(lm_eval, "__version__") else _package_version(),
         num_fewshot=0,
         limit=limit,
@@ -152,7 +162,8 @@ def zeroshot_stage(
     result.update(model=str(model_dir), dtype=compute.dtype)
     write_json(out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
-                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)  # fmt: skip
+                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4),
+                        "zeroshot_avg_stderr": result["zeroshot_avg_stderr"]}), file=sys.stderr)  # fmt: skip
     return result
 
 
