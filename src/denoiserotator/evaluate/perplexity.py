@@ -36,7 +36,7 @@ def perplexity(
     batch_size: int = 1,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """``{"ppl", "nll", "windows", "tokens", "seqlen", ...}`` for ``token_ids`` (1-D) in windows of ``seqlen``.
+    """``{"ppl", "nll", "windows", "tokens", "seqlen", ...}`` of ``token_ids`` (1-D) in ``seqlen`` windows.
 
     ``nll`` is the mean NLL per predicted token (nats), ``window_nll`` the mean NLL of each
     window (W floats), ``nll_stderr`` their standard error (None for a single window) and
@@ -93,7 +93,7 @@ def perplexity_stage(
                   documents=meta["documents"], model=str(model_dir), max_windows=settings.max_windows,
                   dtype=compute.dtype)  # fmt: skip
     write_json(out, result)
-    interval = f" [{result['ppl_low']:.4f}, {result['ppl_high']:.4f}]" if result["nll_stderr"] is not None else ""
+    interval = "" if result["nll_stderr"] is None else f" [{result['ppl_low']:.4f}, {result['ppl_high']:.4f}]"
     print(f"ppl {result['ppl']:.4f}{interval} over {result['windows']} windows of {settings.seqlen}",
           file=sys.stderr)  # fmt: skip
     return result
