@@ -69,10 +69,17 @@ def perplexity(
     if windows > 1:
         variance = math.fsum((x - mean_nll) ** 2 for x in window_nll) / (windows - 1)
         stderr = math.sqrt(variance / windows)
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": windows, "tokens": tokens,
-            "seqlen": seqlen, "window_nll": window_nll, "nll_stderr": stderr,
-            "ppl_low": math.exp(mean_nll - stderr) if stderr is not None else None,
-            "ppl_high": math.exp(mean_nll + stderr) if stderr is not None else None}
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "windows": windows,
+        "tokens": tokens,
+        "seqlen": seqlen,
+        "window_nll": window_nll,
+        "nll_stderr": stderr,
+        "ppl_low": math.exp(mean_nll - stderr) if stderr is not None else None,
+        "ppl_high": math.exp(mean_nll + stderr) if stderr is not None else None,
+    }
 
 
 def perplexity_stage(

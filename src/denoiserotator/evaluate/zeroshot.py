@@ -132,8 +132,10 @@ def _check_includes(task_dir: Path, names: list[str]) -> None:
         paths = [config["include"], *config["dataset_kwargs"]["data_files"].values()]
         stale = [p for p in paths if not Path(p).is_file()]
         if stale:
-            raise FileNotFoundError(f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
-                                    "`python -m denoiserotator.assets zeroshot-fixtures` on this machine")
+            raise FileNotFoundError(
+                f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
+                "`python -m denoiserotator.assets zeroshot-fixtures` on this machine"
+            )
 
 
 def _package_version() -> str:
