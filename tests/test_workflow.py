@@ -99,9 +99,20 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
         ]
     )
     assert set(table["model"]) == {"tiny-llama"}
-    for column in ("measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "rotation_only_matches_dense"):
+    for column in (
+        "measured_sparsity",
+        "ppl_sotu",
+        "piqa",
+        "zeroshot_avg",
+        "rotation_only_matches_dense",
+        "piqa_stderr",
+        "zeroshot_avg_stderr",
+        "ppl_sotu_nll_stderr",
+        "zeroshot_avg_within_noise",
+    ):
         assert column in table.columns
-    assert table[["measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg"]].notna().all().all()
+    measured = ["measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "piqa_stderr", "zeroshot_avg_stderr"]
+    assert table[measured].notna().all().all()
     pruned = table["pruner"] != "none"
     # 50% unstructured per output row on even widths: exactly half the weights, LoRA included
     assert (table.loc[pruned, "measured_sparsity"] == 0.5).all()
@@ -110,7 +121,7 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
     assert table.loc[rot_only, "rotation_only_matches_dense"].tolist() == [True]
     dense = table[(table["pruner"] == "none") & (table["rotation"] == "none")]
     assert table.loc[rot_only, "ppl_sotu"].iloc[0] == pytest.approx(dense["ppl_sotu"].iloc[0], rel=1e-3)
-    for name in ("main.md", "ppl.png", "entropy.png"):
+    for name in ("main.md", "ppl.png", "entropy.png", "zeroshot.png"):
         assert (workdir / "results/tables" / name).stat().st_size > 0
 
 

@@ -14,7 +14,7 @@ RES = EXP.resources_dir
 
 def get_final_targets() -> list:
     return [f"results/tables/main.{ext}" for ext in ("csv", "parquet", "md")] + [
-        "results/tables/ppl.png", "results/tables/entropy.png"]
+        "results/tables/ppl.png", "results/tables/entropy.png", "results/tables/zeroshot.png"]
 
 
 def get_fetch_params(wildcards) -> dict:
