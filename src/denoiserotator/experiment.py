@@ -229,9 +229,21 @@ class Experiment:
             "ppl": {name: f"{base}/ppl-{name}-{self.ppl_id(name)}.json" for name in self.perplexity},
             "stats": f"{row.prune_dir}/stats.json" if row.prune_dir else None,
         }
-        if self.zeroshot.tasks:
+        if self.zeroshot.tasks and self.zeroshot_selected(row):
             files["zeroshot"] = f"{base}/zeroshot-{self.zeroshot_id()}.json"
         return files
+
+    def zeroshot_selected(self, row: Row) -> bool:
+        """Whether `row` gets a zero-shot evaluation (`eval.zeroshot.rows`: null = every row; else
+        a `pruner/pattern` match, any rotation and finetune)."""
+        if self.zeroshot.rows is None:
+            return True
+        for selector in self.zeroshot.rows:
+            pruner, _, pattern = selector.partition("/")
+            canonical = "dense" if pruner == "none" else str(parse_pattern(pattern))
+            if (row.pruner, row.pattern) == (pruner, canonical):
+                return True
+        return False
 
     def manifest(self) -> dict[str, Any]:
         """Everything the tables stage needs: rows with their files, and the settings shown."""

@@ -462,10 +462,27 @@ class ZeroshotSettings(StageSettings):
     batch_size: int = setting(8, "lm-eval batch size", minimum=1, identity=False)
     fixture_items: int = setting(500, "items per task of the local fixtures", minimum=1)
     fixture_seed: int = setting(0, "seed of the local fixtures")
+    # Which rows are evaluated changes no result file, only how many exist: identity=False.
+    rows: tuple[str, ...] | None = setting(
+        None,
+        "rows that get zero-shot, as pruner/pattern (e.g. wanda/50%, none/dense; both rotations and "
+        "every finetune of a match); null = every row",
+        kind="array",
+        items="string",
+        identity=False,
+    )
 
     def check(self) -> None:
         if len(set(self.tasks)) != len(self.tasks):
             raise SettingsError(f"eval.zeroshot.tasks has duplicates: {list(self.tasks)}")
+        for selector in self.rows or ():
+            pruner, _, pattern = selector.partition("/")
+            if pruner not in ("none", *PRUNERS) or not pattern or (pruner == "none") != (pattern == "dense"):
+                raise SettingsError(
+                    f"eval.zeroshot.rows: {selector!r} is not pruner/pattern "
+                    f"(pruner one of none, {', '.join(PRUNERS)}; "
+                    "none/dense for the dense and rotation-only rows)"
+                )
 
     def identity(self) -> dict[str, Any]:
         identity = super().identity()

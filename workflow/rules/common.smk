@@ -76,7 +76,9 @@ def get_zeroshot_inputs(wildcards) -> dict:
 
 
 def get_zeroshot_params(wildcards) -> dict:
-    return {"settings": EXP.zeroshot.to_dict(), "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+    # `rows` chooses which rows are evaluated, not how: left out so changing it reruns nothing.
+    settings = {k: v for k, v in EXP.zeroshot.to_dict().items() if k != "rows"}
+    return {"settings": settings, "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
 
 
 def get_table_inputs(wildcards) -> list:
