@@ -125,9 +125,10 @@ def test_costs_scale_with_size_and_honour_overrides() -> None:
 
 
 def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
-    """Claim: eval.zeroshot.rows limits zero-shot to the matching pruner/pattern rows (both
-    rotations, every finetune; none/dense = dense and rotation-only), keeps the files of the
-    rows it selects (not part of the id), and rejects selectors that name no row."""
+    """Claim: eval.zeroshot.rows limits zero-shot to the matching rows (pruner/pattern: both
+    rotations, every finetune, none/dense = dense and rotation-only; a rotation and finetune part
+    narrow it), keeps the files of the rows it selects (not part of the id), and rejects
+    selectors that name no row."""
     every = Experiment(load("demo.yaml"))
     some = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": ["none/dense", "wanda/2:4"]}}))
     assert every.zeroshot_id() == some.zeroshot_id()
@@ -141,6 +142,13 @@ def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
         if "zeroshot" in some.row_files(row):
             assert some.row_files(row)["zeroshot"] == every.row_files(row)["zeroshot"]
     assert len([f for f in some.table_inputs() if "/zeroshot-" in f]) == 5
-    for bad in (["wanda"], ["none/50%"], ["wanda/dense"], ["owl/50%"]):
+    narrow = ["none/dense/none", "sparsegpt/50%/denoise/none"]
+    only = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": narrow}}))
+    chosen = [(r.pruner, r.pattern, r.rotation, r.finetune) for r in only.rows()
+              if "zeroshot" in only.row_files(r)]  # fmt: skip
+    assert chosen == [("none", "dense", "none", "none"), ("sparsegpt", "50%", "denoise", "none")]
+    bad_selectors = ("wanda", "none/50%", "wanda/dense", "owl/50%", "wanda/50%/yes", "wanda/50%/none/x",
+                     "wanda/50%/none/none/none")  # fmt: skip
+    for bad in ([selector] for selector in bad_selectors):
         with pytest.raises(Exception, match="pruner/pattern"):
             Experiment(load("demo.yaml", eval={"zeroshot": {"rows": bad}}))

@@ -235,13 +235,14 @@ class Experiment:
 
     def zeroshot_selected(self, row: Row) -> bool:
         """Whether `row` gets a zero-shot evaluation (`eval.zeroshot.rows`: null = every row; else
-        a `pruner/pattern` match, any rotation and finetune)."""
+        a `pruner/pattern[/rotation[/finetune]]` match; parts left out match anything)."""
         if self.zeroshot.rows is None:
             return True
         for selector in self.zeroshot.rows:
-            pruner, _, pattern = selector.partition("/")
+            pruner, pattern, *rest = selector.split("/")
             canonical = "dense" if pruner == "none" else str(parse_pattern(pattern))
-            if (row.pruner, row.pattern) == (pruner, canonical):
+            wanted = [pruner, canonical, *rest]
+            if [row.pruner, row.pattern, row.rotation, row.finetune][: len(wanted)] == wanted:
                 return True
         return False
 

@@ -465,8 +465,8 @@ class ZeroshotSettings(StageSettings):
     # Which rows are evaluated changes no result file, only how many exist: identity=False.
     rows: tuple[str, ...] | None = setting(
         None,
-        "rows that get zero-shot, as pruner/pattern (e.g. wanda/50%, none/dense; both rotations and "
-        "every finetune of a match); null = every row",
+        "rows that get zero-shot, as pruner/pattern[/rotation[/finetune]] (e.g. wanda/2:4: both "
+        "rotations and every finetune; none/dense/none: the dense row only); null = every row",
         kind="array",
         items="string",
         identity=False,
@@ -476,13 +476,23 @@ class ZeroshotSettings(StageSettings):
         if len(set(self.tasks)) != len(self.tasks):
             raise SettingsError(f"eval.zeroshot.tasks has duplicates: {list(self.tasks)}")
         for selector in self.rows or ():
-            pruner, _, pattern = selector.partition("/")
-            if pruner not in ("none", *PRUNERS) or not pattern or (pruner == "none") != (pattern == "dense"):
+            parts = selector.split("/")
+            pruner, pattern = parts[0], parts[1] if len(parts) > 1 else ""
+            rotation_ok = parts[2:3] in ([], ["none"], ["denoise"])
+            finetune_ok = parts[3:] in ([], ["none"], ["lora"])
+            if (
+                len(parts) not in (2, 3, 4)
+                or pruner not in ("none", *PRUNERS)
+                or not pattern
+                or (pruner == "none") != (pattern == "dense")
+                or not rotation_ok
+                or not finetune_ok
+            ):
                 raise SettingsError(
-                    f"eval.zeroshot.rows: {selector!r} is not pruner/pattern "
-                    f"(pruner one of none, {', '.join(PRUNERS)}; "
-                    "none/dense for the dense and rotation-only rows)"
-                )
+                    f"eval.zeroshot.rows: {selector!r} is not pruner/pattern[/rotation[/finetune]] "
+                    f"(pruner one of none, {', '.join(PRUNERS)}; none/dense for the dense and "
+                    "rotation-only rows; rotation none|denoise; finetune none|lora)"
+                )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         identity = super().identity()
