@@ -286,6 +286,9 @@ def test_plots_draw_error_bars_of_the_standard_errors(tmp_path: Path) -> None:
     assert plain[0] == pytest.approx((75 - se, 75 + se)) and plain[1] == pytest.approx((56 - se, 56 + se))
     assert rotated[1] == pytest.approx((62 - se, 62 + se)) and rotated[2] == pytest.approx((62 - se, 62 + se))
     assert "≈" in [t.get_text() for t in fig.axes[0].texts]  # 0.06 is within noise
+    without_dense = table.assign(zeroshot_avg=table.zeroshot_avg.where(table.pruner != "none"))
+    fig = plot_zeroshot(without_dense, tmp_path / "zs2.png")  # a row without zero-shot: no slot
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["wanda\n2:4", "wanda\n2:4\n+lora"]
     fig = plot_perplexity(table, ["wikitext2"], tmp_path / "ppl.png")
     plain, rotated = _error_bars(fig.axes[0])
     assert plain[0] == pytest.approx((25 * math.exp(-0.05), 25 * math.exp(0.05)))

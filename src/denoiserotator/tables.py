@@ -390,10 +390,12 @@ def plot_zeroshot(table: pd.DataFrame, path: Path) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(table["model"]))
+    # Without zero-shot tasks there is nothing to draw: one empty panel that says so.
+    models = list(dict.fromkeys(table["model"])) if "zeroshot_avg" in table else []
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(8 * max(len(models), 1), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
-        rows = table[table["model"] == model]
+        # Rows left out of zero-shot (eval.zeroshot.rows) get no empty slot.
+        rows = table[(table["model"] == model) & table["zeroshot_avg"].notna()]
         groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], rows["finetune"], strict=True)))
         width = 0.4
         for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
@@ -420,7 +422,7 @@ def plot_zeroshot(table: pd.DataFrame, path: Path) -> Any:
         ax.set_title(f"{model}: zero-shot average ± 1 s.e. (≈: rotated vs plain within noise)")
         ax.legend(fontsize="small", loc="lower left")
     if not models:
-        axes[0][0].text(0.5, 0.5, "no rows", ha="center")
+        axes[0][0].text(0.5, 0.5, "no zero-shot results", ha="center")
     fig.tight_layout()
     _replace_atomic(path, fig.savefig)
     plt.close(fig)
@@ -487,7 +489,7 @@ def build_tables(
     plot_perplexity(table, list(manifest.get("perplexity", {})), Path(ppl_plot))
     plot_entropy(manifest, Path(entropy_plot))
     if zeroshot_plot is not None:
-        plot_zeroshot(table if "zeroshot_avg" in table else table.iloc[0:0], Path(zeroshot_plot))
+        plot_zeroshot(table, Path(zeroshot_plot))
     log.info("wrote %d rows to %s", len(table), csv)
     return table
 
