@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@$(MAKE) --no-print-directory results/report.html
 	@echo
 	@echo "Table:  $(CURDIR)/results/tables/main.csv (also main.parquet, main.md with the settings)"
-	@echo "Plots:  $(CURDIR)/results/tables/ppl.png, $(CURDIR)/results/tables/entropy.png"
+	@echo "Plots:  $(CURDIR)/results/tables/ppl.png, $(CURDIR)/results/tables/entropy.png, $(CURDIR)/results/tables/zeroshot.png"
 	@echo "Report: $(CURDIR)/results/report.html"
 
 # rebuilt only when the table changed

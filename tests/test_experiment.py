@@ -122,3 +122,33 @@ def test_costs_scale_with_size_and_honour_overrides() -> None:
     assert costs.mem_mb(exp, small, "prune", attempt=2) == 2 * costs.mem_mb(exp, small, "prune")
     config["models"][0]["resources"] = {"prune": {"mem_mb": 1234}}
     assert costs.mem_mb(Experiment(config), small, "prune") == 1234
+
+
+def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
+    """Claim: eval.zeroshot.rows limits zero-shot to the matching rows (pruner/pattern: both
+    rotations, every finetune, none/dense = dense and rotation-only; a rotation and finetune part
+    narrow it), keeps the files of the rows it selects (not part of the id), and rejects
+    selectors that name no row."""
+    every = Experiment(load("demo.yaml"))
+    some = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": ["none/dense", "wanda/2:4"]}}))
+    assert every.zeroshot_id() == some.zeroshot_id()
+    chosen = [(r.pruner, r.pattern, r.rotation, r.finetune) for r in some.rows()
+              if "zeroshot" in some.row_files(r)]  # fmt: skip
+    assert sorted(chosen) == sorted([("none", "dense", "none", "none"), ("none", "dense", "denoise", "none"),
+                                     ("wanda", "2:4", "none", "none"), ("wanda", "2:4", "denoise", "none"),
+                                     ("wanda", "2:4", "denoise", "lora")])  # fmt: skip
+    assert all("zeroshot" in every.row_files(r) for r in every.rows())
+    for row in some.rows():
+        if "zeroshot" in some.row_files(row):
+            assert some.row_files(row)["zeroshot"] == every.row_files(row)["zeroshot"]
+    assert len([f for f in some.table_inputs() if "/zeroshot-" in f]) == 5
+    narrow = ["none/dense/none", "sparsegpt/50%/denoise/none"]
+    only = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": narrow}}))
+    chosen = [(r.pruner, r.pattern, r.rotation, r.finetune) for r in only.rows()
+              if "zeroshot" in only.row_files(r)]  # fmt: skip
+    assert chosen == [("none", "dense", "none", "none"), ("sparsegpt", "50%", "denoise", "none")]
+    bad_selectors = ("wanda", "none/50%", "wanda/dense", "owl/50%", "wanda/50%/yes", "wanda/50%/none/x",
+                     "wanda/50%/none/none/none")  # fmt: skip
+    for bad in ([selector] for selector in bad_selectors):
+        with pytest.raises(Exception, match="pruner/pattern"):
+            Experiment(load("demo.yaml", eval={"zeroshot": {"rows": bad}}))

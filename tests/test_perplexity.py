@@ -48,6 +48,24 @@ def test_perplexity_matches_hand_computation_and_drops_remainder(family: str) ->
     assert first_two["ppl"] == pytest.approx(hand_ppl(model, ids, seqlen, 2), rel=1e-5)
 
 
+def test_perplexity_stderr_from_the_spread_of_window_nlls() -> None:
+    """Claim: window_nll[w] is window w's own mean NLL, nll_stderr = sample sd / sqrt(W), and the
+    interval is exp(nll ± se); one window has no standard error."""
+    model, seqlen = tiny_model("llama", seed=1), 10
+    ids = torch.randint(3, 384, (4 * seqlen,), generator=torch.Generator().manual_seed(3))
+    result = perplexity(model, ids, seqlen, batch_size=3)  # a batch of 3 and one of 1
+    hand = [math.log(hand_ppl(model, ids[w * seqlen :], seqlen, 1)) for w in range(4)]
+    assert result["window_nll"] == pytest.approx(hand, rel=1e-5)
+    mean = sum(hand) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in hand) / 3 / 4)
+    assert se > 0 and result["nll_stderr"] == pytest.approx(se, rel=1e-4)
+    assert result["ppl_low"] == pytest.approx(math.exp(mean - se), rel=1e-5)
+    assert result["ppl_high"] == pytest.approx(math.exp(mean + se), rel=1e-5)
+    assert result["ppl_low"] < result["ppl"] < result["ppl_high"]
+    single = perplexity(model, ids, seqlen, max_windows=1)
+    assert single["nll_stderr"] is None and single["ppl_low"] is None and single["ppl_high"] is None
+
+
 def test_perplexity_rejects_too_short_stream() -> None:
     with pytest.raises(ValueError, match="window"):
         perplexity(tiny_model("llama"), torch.arange(5), 8)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from denoiserotator.tables import build_tables, collect, load_paper_results, paper_row, to_markdown
+from denoiserotator.tables import (
+    build_tables,
+    collect,
+    load_paper_results,
+    paper_row,
+    plot_perplexity,
+    plot_zeroshot,
+    to_markdown,
+)
+from denoiserotator.uncertainty import mean_stderr
 
 
 def _write(path: Path, payload: dict) -> str:
@@ -28,15 +38,23 @@ def _row(
     acc: dict[str, float],
     finetune: str = "none",
     entropy: tuple[float, float] | None = None,
+    stderr: dict[str, float] | None = None,
+    nll_stderr: float | None = None,
 ) -> dict:
+    """A manifest row whose result files look like the stages' (lm-eval's stderr per task when
+    `stderr` is given; a perplexity interval exp(log ppl ± nll_stderr) when that is given)."""
     base = tmp / name
+    ppl_result = {"ppl": ppl}
+    if nll_stderr is not None:
+        ppl_result |= {"nll_stderr": nll_stderr, "ppl_low": ppl * math.exp(-nll_stderr),
+                       "ppl_high": ppl * math.exp(nll_stderr)}  # fmt: skip
     files = {
         "sparsity": _write(base / "sparsity.json", {"overall": sparsity}),
-        "ppl": {"wikitext2": _write(base / "ppl.json", {"ppl": ppl})},
+        "ppl": {"wikitext2": _write(base / "ppl.json", ppl_result)},
         "zeroshot": _write(
             base / "zs.json",
             {
-                "tasks": {t: {"value": v} for t, v in acc.items()},
+                "tasks": {t: {"value": v, "stderr": (stderr or {}).get(t)} for t, v in acc.items()},
                 "zeroshot_avg": sum(acc.values()) / len(acc),
             },
         ),
@@ -100,7 +118,7 @@ def test_paper_lookup_matches_the_papers_rows() -> None:
 
 def test_collect_columns_values_and_paper(tmp_path: Path) -> None:
     table = collect(_manifest(tmp_path, rotation_only_ppl=6.0))
-    assert list(table.columns[:11]) == [
+    assert list(table.columns[:18]) == [
         "model",
         "pruner",
         "pattern",
@@ -108,10 +126,17 @@ def test_collect_columns_values_and_paper(tmp_path: Path) -> None:
         "finetune",
         "measured_sparsity",
         "ppl_wikitext2",
+        "ppl_wikitext2_nll_stderr",
+        "ppl_wikitext2_low",
+        "ppl_wikitext2_high",
         "piqa",
         "winogrande",
+        "piqa_stderr",
+        "winogrande_stderr",
         "zeroshot_avg",
+        "zeroshot_avg_stderr",
         "entropy_before",
+        "entropy_after",
     ]
     assert len(table) == 5
     plain = table.finetune == "none"
@@ -153,6 +178,118 @@ def test_build_tables_writes_every_output(tmp_path: Path) -> None:
     for png in ("ppl.png", "entropy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "main.md").read_text()
-    assert "128 x 2048 tokens from `c4`" in text and "2000 steps per layer" in text
+    # Settings sections are rendered field by field (cc0b89f); this assertion predates that.
+    assert "- calibration: source c4, nsamples 128, seqlen 2048" in text and "- rotation: steps 2000," in text
     assert text.count("| llama3-8b |") == 5
     assert to_markdown(table, manifest) == text
+
+
+# -- uncertainty ---------------------------------------------------------------------------------
+
+SE = {"piqa": 0.03, "winogrande": 0.04}  # lm-eval-style standard errors: avg se = 0.025
+
+
+def _noise_manifest(tmp: Path, rotated_acc: float, plain_acc: float) -> dict:
+    """Dense, Wanda 2:4 plain and rotated (both at the given accuracy on both tasks), LoRA rotated
+    without a plain LoRA counterpart; every row with stderrs SE and a perplexity interval."""
+    manifest = _manifest(tmp, rotation_only_ppl=6.0)
+    acc = {"piqa": 0.8, "winogrande": 0.7}
+    flat = {"piqa": plain_acc, "winogrande": plain_acc}
+    rot = {"piqa": rotated_acc, "winogrande": rotated_acc}
+    manifest["rows"] = [
+        _row(tmp, "dense", "none", "dense", "none", 6.0, 0.0, acc, stderr=SE, nll_stderr=0.01),
+        _row(tmp, "w24", "wanda", "2:4", "none", 25.0, 0.5, flat, stderr=SE, nll_stderr=0.05),
+        _row(tmp, "w24dr", "wanda", "2:4", "denoise", 11.0, 0.5, rot, stderr=SE, nll_stderr=0.02),
+        _row(tmp, "w24dr-lora", "wanda", "2:4", "denoise", 10.0, 0.5, rot, "lora", stderr=SE),
+    ]
+    return manifest
+
+
+def test_stderr_columns_reach_main_csv(tmp_path: Path) -> None:
+    """Claim: lm-eval's per-task stderrs and the perplexity interval from the result JSONs arrive
+    in main.csv, and zeroshot_avg_stderr = sqrt(Σ se²)/k of them."""
+    manifest = _noise_manifest(tmp_path / "r", rotated_acc=0.6, plain_acc=0.6)
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    out = tmp_path / "t"
+    build_tables(tmp_path / "m.json", out / "main.csv", out / "main.parquet", out / "main.md",
+                 out / "ppl.png", out / "entropy.png", out / "zeroshot.png")  # fmt: skip
+    csv = pd.read_csv(out / "main.csv")
+    assert csv["piqa_stderr"].tolist() == [0.03] * 4 and csv["winogrande_stderr"].tolist() == [0.04] * 4
+    assert csv["zeroshot_avg_stderr"].tolist() == pytest.approx([math.sqrt(0.03**2 + 0.04**2) / 2] * 4)
+    assert csv["zeroshot_avg_stderr"][0] == pytest.approx(mean_stderr([0.03, 0.04]))
+    w24 = csv[(csv.pruner == "wanda") & (csv.rotation == "none")].iloc[0]
+    assert w24.ppl_wikitext2_nll_stderr == 0.05
+    assert (w24.ppl_wikitext2_low, w24.ppl_wikitext2_high) == pytest.approx(
+        (25 / math.exp(0.05), 25 * math.exp(0.05))
+    )
+    assert pd.isna(csv[csv.finetune == "lora"].iloc[0].ppl_wikitext2_low)  # no interval in its file
+    assert (out / "zeroshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "main.md").read_text()
+    assert "| 0.6000 ± 0.0300 |" in text and "| 25 [23.78, 26.28] |" in text
+    assert "sqrt(Σ se_i²) / k" in text and "|Δ| < 2·sqrt(se_a² + se_b²)" in text
+
+
+def test_results_without_stderr_leave_the_columns_empty(tmp_path: Path) -> None:
+    """Claim: result files written before stderrs existed give empty (not wrong) uncertainty."""
+    table = collect(_manifest(tmp_path, rotation_only_ppl=6.0))
+    assert table["piqa_stderr"].isna().all() and table["zeroshot_avg_stderr"].isna().all()
+    assert table["ppl_wikitext2_nll_stderr"].isna().all()
+    assert table["zeroshot_avg_within_noise"].isna().all()  # no errors, no verdict
+    assert table["zeroshot_avg_delta"].notna().sum() == 2  # rotated Wanda 2:4 and rotation-only
+
+
+@pytest.mark.parametrize(
+    "rotated, plain, expected",
+    [
+        (0.62, 0.56, True),  # Δ 0.06 < 2·sqrt(2)·0.025 = 0.0707
+        (0.64, 0.56, False),  # Δ 0.08 > 0.0707
+        (0.48, 0.56, False),  # worse by as much: same verdict
+    ],
+)
+def test_noise_flag_both_ways(tmp_path: Path, rotated: float, plain: float, expected: bool) -> None:
+    """Claim: a rotated row is within noise of its plain counterpart exactly when
+    |Δ| < 2·sqrt(se_a² + se_b²); rows without a plain counterpart (LoRA here) and plain rows get
+    no verdict; main.md says which."""
+    manifest = _noise_manifest(tmp_path, rotated_acc=rotated, plain_acc=plain)
+    table = collect(manifest)
+    rotated_row = (table.rotation == "denoise") & (table.finetune == "none")
+    assert table.loc[rotated_row, "zeroshot_avg_delta"].tolist() == pytest.approx([rotated - plain])
+    assert table.loc[rotated_row, "zeroshot_avg_within_noise"].tolist() == [expected]
+    assert table.loc[~rotated_row, "zeroshot_avg_within_noise"].isna().all()
+    text = to_markdown(table, manifest)
+    verdict = "within noise" if expected else "beyond noise"
+    (line,) = [row for row in text.splitlines() if "| wanda | 2:4 | denoise | none |" in row]
+    assert f"| {rotated - plain:+.4f} | {verdict} |" in line
+
+
+def _error_bars(ax) -> list[list[tuple[float, float]]]:
+    """(bottom, top) of each error bar drawn with each bar series of an Axes (NaN for a bar that
+    is missing, whose segment matplotlib leaves empty)."""
+    spans = []
+    for container in ax.containers:
+        if getattr(container, "errorbar", None) is None:
+            continue
+        _, _, (segments,) = container.errorbar.lines
+        spans.append([(float(seg[0][1]), float(seg[1][1])) if len(seg) else (math.nan, math.nan)
+                      for seg in segments.get_segments()])  # fmt: skip
+    return spans
+
+
+def test_plots_draw_error_bars_of_the_standard_errors(tmp_path: Path) -> None:
+    """Claim: zeroshot.png has ±1 se bars (percent) on every bar; ppl.png bars span
+    [exp(nll - se), exp(nll + se)]."""
+    table = collect(_noise_manifest(tmp_path / "r", rotated_acc=0.62, plain_acc=0.56))
+    fig = plot_zeroshot(table, tmp_path / "zs.png")
+    plain, rotated = _error_bars(fig.axes[0])
+    se = 100 * mean_stderr([0.03, 0.04])
+    # groups: dense, wanda 2:4, wanda 2:4 + lora; plain has no LoRA row, rotated no dense row
+    assert plain[0] == pytest.approx((75 - se, 75 + se)) and plain[1] == pytest.approx((56 - se, 56 + se))
+    assert rotated[1] == pytest.approx((62 - se, 62 + se)) and rotated[2] == pytest.approx((62 - se, 62 + se))
+    assert "≈" in [t.get_text() for t in fig.axes[0].texts]  # 0.06 is within noise
+    without_dense = table.assign(zeroshot_avg=table.zeroshot_avg.where(table.pruner != "none"))
+    fig = plot_zeroshot(without_dense, tmp_path / "zs2.png")  # a row without zero-shot: no slot
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["wanda\n2:4", "wanda\n2:4\n+lora"]
+    fig = plot_perplexity(table, ["wikitext2"], tmp_path / "ppl.png")
+    plain, rotated = _error_bars(fig.axes[0])
+    assert plain[0] == pytest.approx((25 * math.exp(-0.05), 25 * math.exp(0.05)))
+    assert rotated[0] == pytest.approx((11 * math.exp(-0.02), 11 * math.exp(0.02)))

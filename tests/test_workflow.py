@@ -99,9 +99,20 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
         ]
     )
     assert set(table["model"]) == {"tiny-llama"}
-    for column in ("measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "rotation_only_matches_dense"):
+    for column in (
+        "measured_sparsity",
+        "ppl_sotu",
+        "piqa",
+        "zeroshot_avg",
+        "rotation_only_matches_dense",
+        "piqa_stderr",
+        "zeroshot_avg_stderr",
+        "ppl_sotu_nll_stderr",
+        "zeroshot_avg_within_noise",
+    ):
         assert column in table.columns
-    assert table[["measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg"]].notna().all().all()
+    measured = ["measured_sparsity", "ppl_sotu", "piqa", "zeroshot_avg", "piqa_stderr", "zeroshot_avg_stderr"]
+    assert table[measured].notna().all().all()
     pruned = table["pruner"] != "none"
     # 50% unstructured per output row on even widths: exactly half the weights, LoRA included
     assert (table.loc[pruned, "measured_sparsity"] == 0.5).all()
@@ -110,7 +121,7 @@ def test_main_table_has_the_grid(workdir: Path) -> None:
     assert table.loc[rot_only, "rotation_only_matches_dense"].tolist() == [True]
     dense = table[(table["pruner"] == "none") & (table["rotation"] == "none")]
     assert table.loc[rot_only, "ppl_sotu"].iloc[0] == pytest.approx(dense["ppl_sotu"].iloc[0], rel=1e-3)
-    for name in ("main.md", "ppl.png", "entropy.png"):
+    for name in ("main.md", "ppl.png", "entropy.png", "zeroshot.png"):
         assert (workdir / "results/tables" / name).stat().st_size > 0
 
 
@@ -185,6 +196,14 @@ def test_zeroshot_change_reruns_only_zeroshot(workdir: Path) -> None:
     assert counts["zeroshot"] == 5
 
 
+def test_zeroshot_rows_change_reruns_no_evaluation(workdir: Path) -> None:
+    """Claim: narrowing eval.zeroshot.rows keeps the selected rows' results (not in the id, not in
+    the rule's params): only the table is rebuilt."""
+    overlay = _overlay(workdir, "zs-rows.yaml", {"eval": {"zeroshot": {"rows": ["wanda/50%/none"]}}})
+    counts, _ = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
+    assert set(counts) <= {"tables", "all"} and counts["tables"] == 1
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _copy_workflow(tmp_path_factory.mktemp("fresh"))
@@ -194,7 +213,9 @@ def test_demo_plans_exactly_the_demo_grid(fresh: Path) -> None:
     counts, outputs = dry_run(fresh, "results/tables/main.csv", "--configfile", "config/demo.yaml")
     # dense + 3 pruners x 2 patterns x 2 rotations + rotation-only + 1 LoRA row = 15 rows
     assert counts["prune"] == 13 and counts["finetune"] == 1
-    assert counts["perplexity"] == counts["zeroshot"] == counts["sparsity"] == 15
+    assert counts["perplexity"] == counts["sparsity"] == 15
+    # eval.zeroshot.rows: zero-shot on the Wanda and SparseGPT 2:4 pairs only (README, "The demo's table")
+    assert counts["zeroshot"] == 4
     assert counts["fetch_model"] == 1 and counts["calibrate"] == 1 and counts["tables"] == 1
     models = {p.split("/")[2] for p in outputs if p.startswith(("results/models/", "results/eval/"))}
     assert models == {"smollm2-135m"}

@@ -62,6 +62,16 @@ def test_structure(result: dict, task_dir: Path) -> None:
     assert result["task_dir"] == str(task_dir)
 
 
+def test_stderr_is_lm_evals_and_the_average_combines_them(result: dict) -> None:
+    """Claim: each task's stderr is the per-item scores' sample sd / sqrt(n) (lm-eval's), and
+    zeroshot_avg_stderr = sqrt(Σ se_i²) / k."""
+    for task, row in result["tasks"].items():
+        per_item = np.array([s[row["metric"]] for s in result["samples"][task]], dtype=float)
+        assert row["stderr"] == pytest.approx(per_item.std(ddof=1) / np.sqrt(len(per_item)))
+    stderrs = np.array([r["stderr"] for r in result["tasks"].values()])
+    assert result["zeroshot_avg_stderr"] == pytest.approx(np.sqrt((stderrs**2).sum()) / len(stderrs))
+
+
 def test_piqa_acc_norm_by_hand(result: dict) -> None:
     model, tokenizer = tiny_model("llama", seed=2), tiny_tokenizer()
     correct = []

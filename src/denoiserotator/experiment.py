@@ -259,9 +259,22 @@ class Experiment:
             "ppl": {name: f"{base}/ppl-{name}-{self.ppl_id(name)}.json" for name in self.perplexity},
             "stats": f"{row.prune_dir}/stats.json" if row.prune_dir else None,
         }
-        if self.zeroshot.tasks:
+        if self.zeroshot.tasks and self.zeroshot_selected(row):
             files["zeroshot"] = f"{base}/zeroshot-{self.zeroshot_id()}.json"
         return files
+
+    def zeroshot_selected(self, row: Row) -> bool:
+        """Whether `row` gets a zero-shot evaluation (`eval.zeroshot.rows`: null = every row; else
+        a `pruner/pattern[/rotation[/finetune]]` match; parts left out match anything)."""
+        if self.zeroshot.rows is None:
+            return True
+        for selector in self.zeroshot.rows:
+            pruner, pattern, *rest = selector.split("/")
+            canonical = "dense" if pruner == "none" else str(parse_pattern(pattern))
+            wanted = [pruner, canonical, *rest]
+            if [row.pruner, row.pattern, row.rotation, row.finetune][: len(wanted)] == wanted:
+                return True
+        return False
 
     def manifest(self) -> dict[str, Any]:
         """Everything the tables stage needs: rows with their files, and the settings shown."""

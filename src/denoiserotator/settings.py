@@ -462,10 +462,37 @@ class ZeroshotSettings(StageSettings):
     batch_size: int = setting(8, "lm-eval batch size", minimum=1, identity=False)
     fixture_items: int = setting(500, "items per task of the local fixtures", minimum=1)
     fixture_seed: int = setting(0, "seed of the local fixtures")
+    # Which rows are evaluated changes no result file, only how many exist: identity=False.
+    rows: tuple[str, ...] | None = setting(
+        None,
+        "rows that get zero-shot, as pruner/pattern[/rotation[/finetune]] (e.g. wanda/2:4: both "
+        "rotations and every finetune; none/dense/none: the dense row only); null = every row",
+        kind="array",
+        items="string",
+        identity=False,
+    )
 
     def check(self) -> None:
         if len(set(self.tasks)) != len(self.tasks):
             raise SettingsError(f"eval.zeroshot.tasks has duplicates: {list(self.tasks)}")
+        for selector in self.rows or ():
+            parts = selector.split("/")
+            pruner, pattern = parts[0], parts[1] if len(parts) > 1 else ""
+            rotation_ok = parts[2:3] in ([], ["none"], ["denoise"])
+            finetune_ok = parts[3:] in ([], ["none"], ["lora"])
+            if (
+                len(parts) not in (2, 3, 4)
+                or pruner not in ("none", *PRUNERS)
+                or not pattern
+                or (pruner == "none") != (pattern == "dense")
+                or not rotation_ok
+                or not finetune_ok
+            ):
+                raise SettingsError(
+                    f"eval.zeroshot.rows: {selector!r} is not pruner/pattern[/rotation[/finetune]] "
+                    f"(pruner one of none, {', '.join(PRUNERS)}; none/dense for the dense and "
+                    "rotation-only rows; rotation none|denoise; finetune none|lora)"
+                )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         identity = super().identity()

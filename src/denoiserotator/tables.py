@@ -7,6 +7,13 @@ that produced them) and calls :func:`build_tables`; the same works from the comm
     python -m denoiserotator.tables sparsity --model results/models/.../hf --out sparsity.json
 
 Zero-shot values are fractions (0-1); the paper's percentages are converted to fractions too.
+
+Uncertainty (``denoiserotator.uncertainty``): every zero-shot task has ``<task>_stderr`` (lm-eval's
+standard error of the paper's metric), the average ``zeroshot_avg_stderr`` = sqrt(Σ se_i²)/k;
+perplexity sets have ``ppl_<set>_nll_stderr`` (standard error of the mean NLL over windows) and
+the interval ``ppl_<set>_low``/``_high`` = exp(nll ∓ se). A rotated row's
+``zeroshot_avg_delta`` (rotated − plain, same model/pruner/pattern/finetune) is flagged
+``zeroshot_avg_within_noise`` when |Δ| < 2·sqrt(se_a² + se_b²).
 """
 
 from __future__ import annotations
@@ -23,12 +30,18 @@ from typing import Any
 import pandas as pd
 
 from .jsonio import write_json as write_json_atomic  # the name the workflow script uses
+from .uncertainty import NOISE_SIGMAS, mean_stderr, within_noise
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["model", "pruner", "pattern", "rotation", "finetune"]
-PAPER_TASK_KEYS = {"piqa": "piqa", "winogrande": "wg", "hellaswag": "hs", "arc_easy": "arce",
-                   "arc_challenge": "arcc"}
+PAPER_TASK_KEYS = {
+    "piqa": "piqa",
+    "winogrande": "wg",
+    "hellaswag": "hs",
+    "arc_easy": "arce",
+    "arc_challenge": "arcc",
+}
 PAPER_PRUNERS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 # The rotation-only row must reproduce dense perplexity (rotations are exact reparametrisations).
 DENSE_MATCH_RTOL = 1e-3
@@ -73,8 +86,14 @@ def load_paper_results() -> list[dict[str, Any]]:
 # the table
 
 
-def paper_row(paper: list[dict[str, Any]], paper_name: str | None, pruner: str, pattern: str,
-              rotation: str, finetune: str) -> dict[str, Any] | None:
+def paper_row(
+    paper: list[dict[str, Any]],
+    paper_name: str | None,
+    pruner: str,
+    pattern: str,
+    rotation: str,
+    finetune: str,
+) -> dict[str, Any] | None:
     """The paper's row for the same setting, or None (no paper model, LoRA, rotation-only)."""
     if not paper_name or finetune != "none":
         return None
@@ -85,8 +104,12 @@ def paper_row(paper: list[dict[str, Any]], paper_name: str | None, pruner: str, 
     else:
         sp, method = pattern, PAPER_PRUNERS[pruner]
     for row in paper:
-        if (row["model"] == paper_name and row["sp"] == sp and row["method"] == method
-                and bool(row["denoise_rotator"]) == (rotation == "denoise" and method != "Dense")):
+        if (
+            row["model"] == paper_name
+            and row["sp"] == sp
+            and row["method"] == method
+            and bool(row["denoise_rotator"]) == (rotation == "denoise" and method != "Dense")
+        ):
             return row
     return None
 
@@ -110,19 +133,34 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
         sparsity = _read_json(files.get("sparsity"))
         record["measured_sparsity"] = sparsity["overall"] if sparsity else None
         for name in sets:
-            result = _read_json(files["ppl"].get(name))
-            record[f"ppl_{name}"] = result["ppl"] if result else None
+            result = _read_json(files["ppl"].get(name)) or {}
+            record[f"ppl_{name}"] = result.get("ppl")
+            # Older result files have no per-window spread: their uncertainty stays empty.
+            for key in ("nll_stderr", "ppl_low", "ppl_high"):
+                record[f"ppl_{name}_{key.removeprefix('ppl_')}"] = result.get(key)
         zeroshot = _read_json(files.get("zeroshot"))
         for task in tasks:
             record[task] = zeroshot["tasks"][task]["value"] if zeroshot else None
+        for task in tasks:
+            record[f"{task}_stderr"] = zeroshot["tasks"][task].get("stderr") if zeroshot else None
         if tasks:
             record["zeroshot_avg"] = zeroshot["zeroshot_avg"] if zeroshot else None
+            # Recomputed from the tasks' errors (not read back) so old JSONs get it too.
+            record["zeroshot_avg_stderr"] = (
+                mean_stderr([record[f"{task}_stderr"] for task in tasks]) if zeroshot else None
+            )
         stats = _read_json(files.get("stats"))
         record["entropy_before"] = _layer_means(stats, "entropy_before")
         record["entropy_after"] = _layer_means(stats, "entropy_after")
         record["prune_seconds"] = stats.get("seconds") if stats else None
-        paper_values = paper_row(paper, entry.get("paper_name"), entry["pruner"], entry["pattern"],
-                                 entry["rotation"], entry["finetune"])
+        paper_values = paper_row(
+            paper,
+            entry.get("paper_name"),
+            entry["pruner"],
+            entry["pattern"],
+            entry["rotation"],
+            entry["finetune"],
+        )
         for name, spec in sets.items():
             key = spec.get("paper")
             record[f"paper_ppl_{name}"] = paper_values.get(key) if paper_values and key else None
@@ -135,7 +173,38 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
         records.append(record)
     table = pd.DataFrame.from_records(records)
     table["rotation_only_matches_dense"] = _dense_check(table, list(sets))
+    if tasks:
+        table["zeroshot_avg_delta"], table["zeroshot_avg_within_noise"] = _noise_check(table)
     return table
+
+
+def plain_counterpart(table: pd.DataFrame, row: pd.Series) -> pd.Series | None:
+    """The unrotated row with the same model, pruner, pattern and finetune as a rotated ``row``
+    (the dense row for the rotation-only row); None for unrotated rows or when there is none."""
+    if row["rotation"] != "denoise":
+        return None
+    match = table[(table["model"] == row["model"]) & (table["pruner"] == row["pruner"])
+                  & (table["pattern"] == row["pattern"]) & (table["finetune"] == row["finetune"])
+                  & (table["rotation"] == "none")]  # fmt: skip
+    return None if match.empty else match.iloc[0]
+
+
+def _noise_check(table: pd.DataFrame) -> tuple[list[float | None], list[bool | None]]:
+    """Per row: zero-shot average of the rotated row minus its plain counterpart's, and whether
+    |Δ| < NOISE_SIGMAS·sqrt(se_a² + se_b²) (None where a row, a value or an error is missing)."""
+    deltas: list[float | None] = []
+    flags: list[bool | None] = []
+    for _, row in table.iterrows():
+        plain = plain_counterpart(table, row)
+        values = None if plain is None else (row["zeroshot_avg"], plain["zeroshot_avg"])
+        if values is None or any(pd.isna(v) for v in values):
+            deltas.append(None)
+            flags.append(None)
+            continue
+        deltas.append(float(values[0] - values[1]))
+        se = [_number(r, "zeroshot_avg_stderr") for r in (row, plain)]
+        flags.append(within_noise(float(values[0]), se[0], float(values[1]), se[1]))
+    return deltas, flags
 
 
 def _dense_check(table: pd.DataFrame, sets: list[str]) -> list[bool | None]:
@@ -145,8 +214,12 @@ def _dense_check(table: pd.DataFrame, sets: list[str]) -> list[bool | None]:
         if not (row["pruner"] == "none" and row["rotation"] == "denoise" and row["finetune"] == "none"):
             out.append(None)
             continue
-        dense = table[(table["model"] == row["model"]) & (table["pruner"] == "none")
-                      & (table["rotation"] == "none") & (table["finetune"] == "none")]
+        dense = table[
+            (table["model"] == row["model"])
+            & (table["pruner"] == "none")
+            & (table["rotation"] == "none")
+            & (table["finetune"] == "none")
+        ]
         if dense.empty or not sets:
             out.append(None)
             continue
@@ -155,8 +228,14 @@ def _dense_check(table: pd.DataFrame, sets: list[str]) -> list[bool | None]:
             a, b = row[f"ppl_{name}"], dense.iloc[0][f"ppl_{name}"]
             if pd.isna(a) or pd.isna(b) or not math.isclose(a, b, rel_tol=DENSE_MATCH_RTOL):
                 ok = False
-                log.warning("rotation-only %s ppl_%s = %s differs from dense %s by more than %g relative",
-                            row["model"], name, a, b, DENSE_MATCH_RTOL)
+                log.warning(
+                    "rotation-only %s ppl_%s = %s differs from dense %s by more than %g relative",
+                    row["model"],
+                    name,
+                    a,
+                    b,
+                    DENSE_MATCH_RTOL,
+                )
         out.append(ok)
     return out
 
@@ -185,25 +264,75 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
     for name, spec in manifest.get("perplexity", {}).items():
         windows = spec.get("max_windows") or "all"
         note = f" ({spec['note']})" if spec.get("note") else ""
-        lines.append(f"- perplexity `{name}`: `{spec['dataset']}`, seqlen {spec['seqlen']}, "
-                     f"windows {windows}{note}")
+        lines.append(
+            f"- perplexity `{name}`: `{spec['dataset']}`, seqlen {spec['seqlen']}, windows {windows}{note}"
+        )
     zs = manifest.get("zeroshot", {})
     if zs.get("tasks"):
-        lines.append(f"- zero-shot: {', '.join(zs['tasks'])} ({zs.get('source')} tasks, "
-                     f"limit {zs.get('limit') or 'none'} per task)")
+        lines.append(
+            f"- zero-shot: {', '.join(zs['tasks'])} ({zs.get('source')} tasks, "
+            f"limit {zs.get('limit') or 'none'} per task)"
+        )
     if manifest.get("finetune"):
         for part, fields in manifest["finetune"].items():
             described = ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items())
             lines.append(f"- LoRA {part}: {described}")
-    columns = [c for c in table.columns if not c.startswith("paper_") or table[c].notna().any()]
-    lines += ["", "## Results", "", "| " + " | ".join(columns) + " |",
-              "|" + "|".join("---" for _ in columns) + "|"]
+    # Uncertainty is shown next to its value ("0.6267 ± 0.0395", "37.83 [36.9, 38.8]"), so the
+    # columns that carry it are folded into their value's column here (main.csv keeps them apart).
+    folded = {c for c in table.columns
+              if c.endswith("_stderr") and c.removesuffix("_stderr") in table.columns}  # fmt: skip
+    for name in manifest.get("perplexity", {}):
+        folded |= {f"ppl_{name}_nll_stderr", f"ppl_{name}_low", f"ppl_{name}_high"}
+    columns = [c for c in table.columns if c not in folded
+               and (not c.startswith("paper_") or table[c].notna().any())]  # fmt: skip
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row, c) for c in columns) + " |")
+    lines += ["", "## Notes", ""]
+    if zs.get("tasks"):
+        lines += [
+            "- Zero-shot values are fractions ± lm-eval's standard error of the paper's metric "
+            "(sample sd of the per-item scores / sqrt(n)); the average's is sqrt(Σ se_i²) / k over "
+            "the k tasks (disjoint items, so independent errors).",
+            f"- `zeroshot_avg_delta`: a rotated row's zero-shot average minus its plain counterpart's "
+            f"(same model, pruner, pattern, finetune; dense for rotation-only). `within noise` when "
+            f"|Δ| < {NOISE_SIGMAS:g}·sqrt(se_a² + se_b²) (≈ 95%; the two rows are treated as "
+            f"independent, which overstates the noise of a same-items comparison), `beyond noise` "
+            f"otherwise.",
+        ]
+    if manifest.get("perplexity"):
+        lines.append(
+            "- Perplexity [low, high] = exp(mean NLL ∓ se), se = sd of the per-window mean NLLs "
+            "/ sqrt(windows) (consecutive windows of one text: an estimate of the noise)."
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> None:
+def _cell(row: pd.Series, column: str) -> str:
+    """A Markdown cell: the value, with its uncertainty where the table carries one."""
+    value = row[column]
+    if column == "zeroshot_avg_within_noise":
+        return "" if pd.isna(value) else ("within noise" if value else "beyond noise")
+    if column == "zeroshot_avg_delta":
+        return "" if pd.isna(value) else f"{value:+.4f}"
+    stderr = row.get(f"{column}_stderr")
+    if stderr is not None and not pd.isna(stderr) and not pd.isna(value):
+        return f"{_fmt(value)} ± {_fmt(stderr)}"
+    low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
+    if column.startswith("ppl_") and low is not None and not pd.isna(low) and not pd.isna(high):
+        return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+    return _fmt(value)
+
+
+def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> Any:
+    """Bars of perplexity per pruner × pattern, plain vs rotated, with exp(nll ± se) error bars
+    where the result files carry them; dashed line: dense. Writes ``path``, returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,13 +346,20 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> None:
         groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], strict=True)))
         width = 0.4
         for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
-            values = []
+            values, below, above = [], [], []
             for pruner, pattern in groups:
-                match = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
-                             & (rows["rotation"] == rotation)]
-                values.append(match.iloc[0][f"ppl_{name}"] if not match.empty else float("nan"))
+                match = rows[
+                    (rows["pruner"] == pruner) & (rows["pattern"] == pattern) & (rows["rotation"] == rotation)
+                ]
+                row = match.iloc[0] if not match.empty else {}
+                value, low, high = (_number(row, f"ppl_{name}{suffix}") for suffix in ("", "_low", "_high"))
+                values.append(value)
+                # matplotlib wants distances below/above the bar; no interval -> a zero-length bar.
+                below.append(value - low if not math.isnan(low) else 0.0)
+                above.append(high - value if not math.isnan(high) else 0.0)
             label = "DenoiseRotator" if rotation == "denoise" else "no rotation"
-            ax.bar([i + offset for i in range(len(groups))], values, width, label=label)
+            ax.bar([i + offset for i in range(len(groups))], values, width, label=label,
+                   yerr=[below, above], capsize=3)  # fmt: skip
         dense = table[(table["model"] == model) & (table["pruner"] == "none") & (table["rotation"] == "none")]
         if not dense.empty and not pd.isna(dense.iloc[0][f"ppl_{name}"]):
             ax.axhline(dense.iloc[0][f"ppl_{name}"], color="k", linestyle="--", label="dense")
@@ -236,6 +372,61 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> None:
     fig.tight_layout()
     _replace_atomic(path, fig.savefig)
     plt.close(fig)
+    return fig
+
+
+def _number(row: Any, key: str) -> float:
+    """``row[key]`` as a float, NaN when the row or the value is missing."""
+    value = row.get(key) if hasattr(row, "get") else None
+    return float("nan") if value is None or pd.isna(value) else float(value)
+
+
+def plot_zeroshot(table: pd.DataFrame, path: Path) -> Any:
+    """Zero-shot average per row with ±1 standard-error bars (``zeroshot_avg_stderr``), plain vs
+    rotated side by side; "≈" over a pair whose difference is within noise. Writes ``path``,
+    returns the Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Without zero-shot tasks there is nothing to draw: one empty panel that says so.
+    models = list(dict.fromkeys(table["model"])) if "zeroshot_avg" in table else []
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(8 * max(len(models), 1), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        # Rows left out of zero-shot (eval.zeroshot.rows) get no empty slot.
+        rows = table[(table["model"] == model) & table["zeroshot_avg"].notna()]
+        groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], rows["finetune"], strict=True)))
+        width = 0.4
+        for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
+            values, errors = [], []
+            for pruner, pattern, finetune in groups:
+                match = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
+                             & (rows["finetune"] == finetune) & (rows["rotation"] == rotation)]  # fmt: skip
+                row = match.iloc[0] if not match.empty else {}
+                values.append(100 * _number(row, "zeroshot_avg"))
+                stderr = _number(row, "zeroshot_avg_stderr")
+                errors.append(0.0 if math.isnan(stderr) else 100 * stderr)
+            label = "DenoiseRotator" if rotation == "denoise" else "no rotation"
+            ax.bar([i + offset for i in range(len(groups))], values, width, label=label, yerr=errors,
+                   capsize=3)  # fmt: skip
+        if "zeroshot_avg_within_noise" in rows:
+            for i, (pruner, pattern, finetune) in enumerate(groups):
+                flag = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
+                            & (rows["finetune"] == finetune)]["zeroshot_avg_within_noise"]  # fmt: skip
+                if (flag == True).any():  # noqa: E712 (a column of True/False/None)
+                    ax.annotate("≈", (i, 1), xycoords=("data", "axes fraction"), ha="center", va="top")
+        labels = [f"{p}\n{pat}" + (f"\n+{ft}" if ft != "none" else "") for p, pat, ft in groups]
+        ax.set_xticks(range(len(groups)), labels)
+        ax.set_ylabel("zero-shot average (%)")
+        ax.set_title(f"{model}: zero-shot average ± 1 s.e. (≈: rotated vs plain within noise)")
+        ax.legend(fontsize="small", loc="lower left")
+    if not models:
+        axes[0][0].text(0.5, 0.5, "no zero-shot results", ha="center")
+    fig.tight_layout()
+    _replace_atomic(path, fig.savefig)
+    plt.close(fig)
+    return fig
 
 
 def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
@@ -257,9 +448,14 @@ def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
                 continue
             x = [layer["layer"] for layer in layers]
             label = f"{entry['pruner']} {entry['pattern']}"
-            line, = ax.plot(x, [layer["entropy_after"] for layer in layers], label=f"{label} after")
-            ax.plot(x, [layer["entropy_before"] for layer in layers], linestyle="--", color=line.get_color(),
-                    label=f"{label} before")
+            (line,) = ax.plot(x, [layer["entropy_after"] for layer in layers], label=f"{label} after")
+            ax.plot(
+                x,
+                [layer["entropy_before"] for layer in layers],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{label} before",
+            )
             drawn += 1
         ax.set_xlabel("layer")
         ax.set_ylabel("rotation loss (entropy)")
@@ -273,8 +469,17 @@ def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def build_tables(manifest_path: Path, csv: Path, parquet: Path, markdown: Path, ppl_plot: Path,
-                 entropy_plot: Path) -> pd.DataFrame:
+def build_tables(
+    manifest_path: Path,
+    csv: Path,
+    parquet: Path,
+    markdown: Path,
+    ppl_plot: Path,
+    entropy_plot: Path,
+    zeroshot_plot: Path | None = None,
+) -> pd.DataFrame:
+    """Read the manifest's result files and write the table (CSV, Parquet, Markdown) and plots
+    (``zeroshot_plot`` only when given and zero-shot tasks are configured); returns the table."""
     manifest = _read_json(manifest_path)
     table = collect(manifest)
     _replace_atomic(Path(csv), lambda p: table.to_csv(p, index=False))
@@ -283,15 +488,19 @@ def build_tables(manifest_path: Path, csv: Path, parquet: Path, markdown: Path, 
     _replace_atomic(Path(markdown), lambda p: Path(p).write_text(text))
     plot_perplexity(table, list(manifest.get("perplexity", {})), Path(ppl_plot))
     plot_entropy(manifest, Path(entropy_plot))
+    if zeroshot_plot is not None:
+        plot_zeroshot(table, Path(zeroshot_plot))
     log.info("wrote %d rows to %s", len(table), csv)
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m denoiserotator.tables",
-                                     description="Results tables and plots of the workflow.")
+    parser = argparse.ArgumentParser(
+        prog="python -m denoiserotator.tables", description="Results tables and plots of the workflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="main.csv/.parquet/.md, ppl.png, entropy.png from a manifest")
+    build = sub.add_parser("build", help="main.csv/.parquet/.md, ppl.png, entropy.png, zeroshot.png "
+                                         "from a manifest")  # fmt: skip
     build.add_argument("--manifest", type=Path, required=True)
     build.add_argument("--out-dir", type=Path, required=True)
     sparsity = sub.add_parser("sparsity", help="measured sparsity of a saved model folder")
@@ -301,8 +510,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "build":
         out = args.out_dir
-        build_tables(args.manifest, out / "main.csv", out / "main.parquet", out / "main.md",
-                     out / "ppl.png", out / "entropy.png")
+        build_tables(
+            args.manifest,
+            out / "main.csv",
+            out / "main.parquet",
+            out / "main.md",
+            out / "ppl.png",
+            out / "entropy.png",
+            out / "zeroshot.png",
+        )
     else:
         write_sparsity(args.model, args.out)
 

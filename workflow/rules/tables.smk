@@ -23,6 +23,11 @@ rule tables:
             caption="../report/entropy.rst",
             category="Plots",
         ),
+        zeroshot_plot=report(
+            "results/tables/zeroshot.png",
+            caption="../report/zeroshot.rst",
+            category="Plots",
+        ),
         manifest="results/tables/manifest.json",
     params:
         manifest=get_table_manifest,

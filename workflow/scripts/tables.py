@@ -11,6 +11,11 @@ from denoiserotator.tables import build_tables, write_json_atomic  # noqa: E402
 out = snakemake.output  # noqa: F821
 write_json_atomic(Path(out.manifest), snakemake.params.manifest)  # noqa: F821
 build_tables(
-    Path(out.manifest), csv=Path(out.csv), parquet=Path(out.parquet), markdown=Path(out.markdown),
-    ppl_plot=Path(out.ppl_plot), entropy_plot=Path(out.entropy_plot),
+    Path(out.manifest),
+    csv=Path(out.csv),
+    parquet=Path(out.parquet),
+    markdown=Path(out.markdown),
+    ppl_plot=Path(out.ppl_plot),
+    entropy_plot=Path(out.entropy_plot),
+    zeroshot_plot=Path(out.zeroshot_plot),
 )

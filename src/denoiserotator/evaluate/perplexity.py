@@ -3,6 +3,12 @@
 The stream is cut into ``len // seqlen`` windows (the remainder is dropped); every window is scored
 on its own, and PPL = exp(mean NLL over all predicted tokens, i.e. seqlen - 1 per window). The
 sequence length is always explicit, never taken from ``max_position_embeddings``.
+
+Uncertainty: every window predicts the same number of tokens, so the mean NLL is the mean of
+the per-window mean NLLs; their spread gives its standard error, se = sd(window NLLs) / sqrt(W)
+(sample sd, W windows), and the interval exp(nll ± se) around the perplexity. Windows are
+consecutive text and not strictly independent, so this is an estimate of the sampling noise,
+not a bound.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ def perplexity(
     batch_size: int = 1,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """``{"ppl", "nll", "windows", "tokens", "seqlen"}`` for ``token_ids`` (1-D) in windows of ``seqlen``."""
+    """``{"ppl", "nll", "windows", "tokens", "seqlen", ...}`` of ``token_ids`` (1-D) in ``seqlen`` windows.
+
+    ``nll`` is the mean NLL per predicted token (nats), ``window_nll`` the mean NLL of each
+    window (W floats), ``nll_stderr`` their standard error (None for a single window) and
+    ``ppl_low``/``ppl_high`` = exp(nll ∓ nll_stderr). Raises ValueError for seqlen < 2 or a
+    stream shorter than one window.
+    """
     if seqlen < 2:
         raise ValueError("seqlen must be at least 2")
     token_ids = token_ids.reshape(-1).to(torch.long)
@@ -41,19 +53,33 @@ def perplexity(
         raise ValueError(f"{token_ids.numel()} tokens do not fill one window of {seqlen}")
     device = device or str(next(model.parameters()).device)
     batches = token_ids[: windows * seqlen].view(windows, seqlen).split(batch_size)
-    total_nll = 0.0
+    window_nll: list[float] = []
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not sys.stderr.isatty()):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        # fp32 (and a sum in fp64) so long streams do not lose precision in the mean.
+        # fp32 per token (and sums in fp64) so long streams do not lose precision in the mean.
         nll = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
         )
-        total_nll += float(nll.double())
+        window_nll += (nll.double().view(batch.shape[0], seqlen - 1).sum(dim=1) / (seqlen - 1)).tolist()
     tokens = windows * (seqlen - 1)
-    mean_nll = total_nll / tokens
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": windows, "tokens": tokens,
-            "seqlen": seqlen}
+    # Equal tokens per window: the mean over tokens is the mean over windows.
+    mean_nll = math.fsum(window_nll) / windows
+    stderr = None
+    if windows > 1:
+        variance = math.fsum((x - mean_nll) ** 2 for x in window_nll) / (windows - 1)
+        stderr = math.sqrt(variance / windows)
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "windows": windows,
+        "tokens": tokens,
+        "seqlen": seqlen,
+        "window_nll": window_nll,
+        "nll_stderr": stderr,
+        "ppl_low": math.exp(mean_nll - stderr) if stderr is not None else None,
+        "ppl_high": math.exp(mean_nll + stderr) if stderr is not None else None,
+    }
 
 
 def perplexity_stage(
@@ -74,7 +100,9 @@ def perplexity_stage(
                   documents=meta["documents"], model=str(model_dir), max_windows=settings.max_windows,
                   dtype=compute.dtype)  # fmt: skip
     write_json(out, result)
-    print(f"ppl {result['ppl']:.4f} over {result['windows']} windows of {settings.seqlen}", file=sys.stderr)
+    interval = "" if result["nll_stderr"] is None else f" [{result['ppl_low']:.4f}, {result['ppl_high']:.4f}]"
+    print(f"ppl {result['ppl']:.4f}{interval} over {result['windows']} windows of {settings.seqlen}",
+          file=sys.stderr)  # fmt: skip
     return result
 
 

@@ -4,6 +4,10 @@ The paper reports acc_norm for PIQA, HellaSwag, ARC-e and ARC-c, acc for WinoGra
 unweighted mean of the five. With ``task_dir`` (made by ``denoiserotator.assets
 build_zeroshot_fixtures``) the tasks ``local_<task>`` are run instead: lm-eval's own prompts and
 metrics over local items built from held-out text. Those numbers are substitutes, labelled so.
+
+Each task carries lm-eval's standard error of its metric (``<metric>_stderr``: the per-item
+scores' sample standard deviation over sqrt(n)); the average carries sqrt(Σ se_i²)/k
+(``denoiserotator.uncertainty.mean_stderr``: the tasks' items are disjoint, so independent).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from denoiserotator.data import FETCH_RULE, MissingAssetError, hub_offline, miss
 from denoiserotator.jsonio import write_json
 from denoiserotator.settings import DTYPES, ComputeSettings, ZeroshotSettings
 from denoiserotator.settings import ZEROSHOT_TASKS as TASKS
+from denoiserotator.uncertainty import mean_stderr
 
 METRICS: dict[str, str] = {
     "piqa": "acc_norm",
@@ -54,10 +59,15 @@ def zeroshot(
 ) -> dict[str, Any]:
     """Run lm-eval 0-shot on ``tasks`` and return the paper's metric per task and their mean.
 
+    Per task: ``value`` (fraction 0-1) and ``stderr`` (lm-eval's standard error of it, None when
+    lm-eval gives none, e.g. for a single item); ``zeroshot_avg`` with ``zeroshot_avg_stderr``
+    (sqrt(Σ se_i²)/k, None when any task's is missing).
+
     ``task_dir``: ``local_<task>`` YAMLs, either substitute fixtures (``build_zeroshot_fixtures``)
     or the hub tasks' local copy (``fetch_dataset("lm-eval")``, labelled "hub (local copy)");
     a missing YAML raises MissingAssetError naming it and ``fetch_rule``. Without ``task_dir``
     lm-eval reads the hub, which raises MissingAssetError when the hub is offline.
+
     ``log_samples=True`` adds lm-eval's per-item records under ``"samples"`` (for checks).
     """
     import lm_eval
@@ -116,6 +126,7 @@ def zeroshot(
     values = [results["tasks"][t]["value"] for t in tasks]
     results.update(
         zeroshot_avg=float(sum(values) / len(values)),
+        zeroshot_avg_stderr=mean_stderr([results["tasks"][t]["stderr"] for t in tasks]),
         lm_eval_version=lm_eval.__version__ if hasattr(lm_eval, "__version__") else _package_version(),
         num_fewshot=0,
         limit=limit,
@@ -137,8 +148,10 @@ def _check_includes(task_dir: Path, names: list[str]) -> None:
         paths = [config["include"], *config["dataset_kwargs"]["data_files"].values()]
         stale = [p for p in paths if not Path(p).is_file()]
         if stale:
-            raise FileNotFoundError(f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
-                                    "`python -m denoiserotator.assets zeroshot-fixtures` on this machine")
+            raise FileNotFoundError(
+                f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
+                "`python -m denoiserotator.assets zeroshot-fixtures` on this machine"
+            )
 
 
 def _package_version() -> str:
@@ -170,7 +183,8 @@ def zeroshot_stage(
     result.update(model=str(model_dir), dtype=compute.dtype)
     write_json(out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
-                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4)}), file=sys.stderr)  # fmt: skip
+                     | {"zeroshot_avg": round(result["zeroshot_avg"], 4),
+                        "zeroshot_avg_stderr": result["zeroshot_avg_stderr"]}), file=sys.stderr)  # fmt: skip
     return result
 
 
