@@ -33,6 +33,7 @@ __all__ = [
     "METADATA_FILE",
     "attach_boundary_rotations",
     "get_boundary_rotations",
+    "folder_sparsity",
     "load_model",
     "measured_sparsity",
     "read_metadata",
@@ -71,6 +72,67 @@ def measured_sparsity(model: nn.Module) -> dict[str, Any]:
             weight = _base_weight(layer.linear(name)).detach()
             zeros[name] += int((weight == 0).sum())
             totals[name] += weight.numel()
+    return {
+        "overall": sum(zeros.values()) / sum(totals.values()),
+        "per_linear": {name: zeros[name] / totals[name] for name in LINEAR_NAMES},
+        "zeros": sum(zeros.values()),
+        "total": sum(totals.values()),
+    }
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors shards (from the index when sharded); FileNotFoundError if none."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json)")
+
+
+def folder_sparsity(folder: str | Path) -> dict[str, Any]:
+    """`measured_sparsity` of a saved folder, streamed: no model is built.
+
+    Reads the seven decoder linears' weights (`<layers>.<i>.<linear path>.weight`, paths from the
+    family's adapter chosen by config.json) one tensor at a time with `safetensors.safe_open`, so
+    host memory holds one weight matrix (down_proj of a 70B model: 235 M values) instead of the
+    model. Raises FileNotFoundError without safetensors and LoadingError when a layer's linear is
+    missing from the files.
+    """
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from .adapters import adapter_class_for_config
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    adapter = adapter_class_for_config(SimpleNamespace(**config))
+    num_layers = int(config["num_hidden_layers"])
+    wanted = {
+        f"{adapter.layers_path}.{index}.{adapter.linear_paths[name]}.weight": name
+        for index in range(num_layers)
+        for name in LINEAR_NAMES
+    }
+    zeros = dict.fromkeys(LINEAR_NAMES, 0)
+    totals = dict.fromkeys(LINEAR_NAMES, 0)
+    seen: set[str] = set()
+    for path in _safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                name = wanted.get(key)
+                if name is None or key in seen:
+                    continue
+                weight = handle.get_tensor(key)
+                zeros[name] += int((weight == 0).sum())
+                totals[name] += weight.numel()
+                seen.add(key)
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise LoadingError(
+            f"{folder}: {len(missing)} decoder linears missing from the files, e.g. {missing[:3]}"
+        )
     return {
         "overall": sum(zeros.values()) / sum(totals.values()),
         "per_linear": {name: zeros[name] / totals[name] for name in LINEAR_NAMES},

@@ -27,8 +27,13 @@ from .jsonio import write_json as write_json_atomic  # the name the workflow scr
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["model", "pruner", "pattern", "rotation", "finetune"]
-PAPER_TASK_KEYS = {"piqa": "piqa", "winogrande": "wg", "hellaswag": "hs", "arc_easy": "arce",
-                   "arc_challenge": "arcc"}
+PAPER_TASK_KEYS = {
+    "piqa": "piqa",
+    "winogrande": "wg",
+    "hellaswag": "hs",
+    "arc_easy": "arce",
+    "arc_challenge": "arcc",
+}
 PAPER_PRUNERS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 # The rotation-only row must reproduce dense perplexity (rotations are exact reparametrisations).
 DENSE_MATCH_RTOL = 1e-3
@@ -54,11 +59,12 @@ def _read_json(path: str | Path | None) -> dict[str, Any] | None:
 
 
 def write_sparsity(model_dir: Path, out: Path) -> dict[str, Any]:
-    """Measured sparsity of the seven decoder linears, read back from a saved folder."""
-    from .export import load_model, measured_sparsity
+    """Measured sparsity of the seven decoder linears, read back from a saved folder's safetensors
+    one tensor at a time (`export.folder_sparsity`: no model is built, so a 70B folder needs the
+    memory of one weight matrix)."""
+    from .export import folder_sparsity
 
-    model, _ = load_model(model_dir)
-    result = {"model": str(model_dir), **measured_sparsity(model)}
+    result = {"model": str(model_dir), **folder_sparsity(model_dir)}
     write_json_atomic(out, result)
     return result
 
@@ -73,8 +79,14 @@ def load_paper_results() -> list[dict[str, Any]]:
 # the table
 
 
-def paper_row(paper: list[dict[str, Any]], paper_name: str | None, pruner: str, pattern: str,
-              rotation: str, finetune: str) -> dict[str, Any] | None:
+def paper_row(
+    paper: list[dict[str, Any]],
+    paper_name: str | None,
+    pruner: str,
+    pattern: str,
+    rotation: str,
+    finetune: str,
+) -> dict[str, Any] | None:
     """The paper's row for the same setting, or None (no paper model, LoRA, rotation-only)."""
     if not paper_name or finetune != "none":
         return None
@@ -85,8 +97,12 @@ def paper_row(paper: list[dict[str, Any]], paper_name: str | None, pruner: str, 
     else:
         sp, method = pattern, PAPER_PRUNERS[pruner]
     for row in paper:
-        if (row["model"] == paper_name and row["sp"] == sp and row["method"] == method
-                and bool(row["denoise_rotator"]) == (rotation == "denoise" and method != "Dense")):
+        if (
+            row["model"] == paper_name
+            and row["sp"] == sp
+            and row["method"] == method
+            and bool(row["denoise_rotator"]) == (rotation == "denoise" and method != "Dense")
+        ):
             return row
     return None
 
@@ -121,8 +137,14 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
         record["entropy_before"] = _layer_means(stats, "entropy_before")
         record["entropy_after"] = _layer_means(stats, "entropy_after")
         record["prune_seconds"] = stats.get("seconds") if stats else None
-        paper_values = paper_row(paper, entry.get("paper_name"), entry["pruner"], entry["pattern"],
-                                 entry["rotation"], entry["finetune"])
+        paper_values = paper_row(
+            paper,
+            entry.get("paper_name"),
+            entry["pruner"],
+            entry["pattern"],
+            entry["rotation"],
+            entry["finetune"],
+        )
         for name, spec in sets.items():
             key = spec.get("paper")
             record[f"paper_ppl_{name}"] = paper_values.get(key) if paper_values and key else None
@@ -145,8 +167,12 @@ def _dense_check(table: pd.DataFrame, sets: list[str]) -> list[bool | None]:
         if not (row["pruner"] == "none" and row["rotation"] == "denoise" and row["finetune"] == "none"):
             out.append(None)
             continue
-        dense = table[(table["model"] == row["model"]) & (table["pruner"] == "none")
-                      & (table["rotation"] == "none") & (table["finetune"] == "none")]
+        dense = table[
+            (table["model"] == row["model"])
+            & (table["pruner"] == "none")
+            & (table["rotation"] == "none")
+            & (table["finetune"] == "none")
+        ]
         if dense.empty or not sets:
             out.append(None)
             continue
@@ -155,8 +181,14 @@ def _dense_check(table: pd.DataFrame, sets: list[str]) -> list[bool | None]:
             a, b = row[f"ppl_{name}"], dense.iloc[0][f"ppl_{name}"]
             if pd.isna(a) or pd.isna(b) or not math.isclose(a, b, rel_tol=DENSE_MATCH_RTOL):
                 ok = False
-                log.warning("rotation-only %s ppl_%s = %s differs from dense %s by more than %g relative",
-                            row["model"], name, a, b, DENSE_MATCH_RTOL)
+                log.warning(
+                    "rotation-only %s ppl_%s = %s differs from dense %s by more than %g relative",
+                    row["model"],
+                    name,
+                    a,
+                    b,
+                    DENSE_MATCH_RTOL,
+                )
         out.append(ok)
     return out
 
@@ -185,19 +217,27 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
     for name, spec in manifest.get("perplexity", {}).items():
         windows = spec.get("max_windows") or "all"
         note = f" ({spec['note']})" if spec.get("note") else ""
-        lines.append(f"- perplexity `{name}`: `{spec['dataset']}`, seqlen {spec['seqlen']}, "
-                     f"windows {windows}{note}")
+        lines.append(
+            f"- perplexity `{name}`: `{spec['dataset']}`, seqlen {spec['seqlen']}, windows {windows}{note}"
+        )
     zs = manifest.get("zeroshot", {})
     if zs.get("tasks"):
-        lines.append(f"- zero-shot: {', '.join(zs['tasks'])} ({zs.get('source')} tasks, "
-                     f"limit {zs.get('limit') or 'none'} per task)")
+        lines.append(
+            f"- zero-shot: {', '.join(zs['tasks'])} ({zs.get('source')} tasks, "
+            f"limit {zs.get('limit') or 'none'} per task)"
+        )
     if manifest.get("finetune"):
         for part, fields in manifest["finetune"].items():
             described = ", ".join(f"{key} {_fmt(value)}" for key, value in fields.items())
             lines.append(f"- LoRA {part}: {described}")
     columns = [c for c in table.columns if not c.startswith("paper_") or table[c].notna().any()]
-    lines += ["", "## Results", "", "| " + " | ".join(columns) + " |",
-              "|" + "|".join("---" for _ in columns) + "|"]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -219,8 +259,9 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> None:
         for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
             values = []
             for pruner, pattern in groups:
-                match = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
-                             & (rows["rotation"] == rotation)]
+                match = rows[
+                    (rows["pruner"] == pruner) & (rows["pattern"] == pattern) & (rows["rotation"] == rotation)
+                ]
                 values.append(match.iloc[0][f"ppl_{name}"] if not match.empty else float("nan"))
             label = "DenoiseRotator" if rotation == "denoise" else "no rotation"
             ax.bar([i + offset for i in range(len(groups))], values, width, label=label)
@@ -257,9 +298,14 @@ def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
                 continue
             x = [layer["layer"] for layer in layers]
             label = f"{entry['pruner']} {entry['pattern']}"
-            line, = ax.plot(x, [layer["entropy_after"] for layer in layers], label=f"{label} after")
-            ax.plot(x, [layer["entropy_before"] for layer in layers], linestyle="--", color=line.get_color(),
-                    label=f"{label} before")
+            (line,) = ax.plot(x, [layer["entropy_after"] for layer in layers], label=f"{label} after")
+            ax.plot(
+                x,
+                [layer["entropy_before"] for layer in layers],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{label} before",
+            )
             drawn += 1
         ax.set_xlabel("layer")
         ax.set_ylabel("rotation loss (entropy)")
@@ -273,8 +319,9 @@ def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def build_tables(manifest_path: Path, csv: Path, parquet: Path, markdown: Path, ppl_plot: Path,
-                 entropy_plot: Path) -> pd.DataFrame:
+def build_tables(
+    manifest_path: Path, csv: Path, parquet: Path, markdown: Path, ppl_plot: Path, entropy_plot: Path
+) -> pd.DataFrame:
     manifest = _read_json(manifest_path)
     table = collect(manifest)
     _replace_atomic(Path(csv), lambda p: table.to_csv(p, index=False))
@@ -288,8 +335,9 @@ def build_tables(manifest_path: Path, csv: Path, parquet: Path, markdown: Path, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m denoiserotator.tables",
-                                     description="Results tables and plots of the workflow.")
+    parser = argparse.ArgumentParser(
+        prog="python -m denoiserotator.tables", description="Results tables and plots of the workflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="main.csv/.parquet/.md, ppl.png, entropy.png from a manifest")
     build.add_argument("--manifest", type=Path, required=True)
@@ -301,8 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "build":
         out = args.out_dir
-        build_tables(args.manifest, out / "main.csv", out / "main.parquet", out / "main.md",
-                     out / "ppl.png", out / "entropy.png")
+        build_tables(
+            args.manifest,
+            out / "main.csv",
+            out / "main.parquet",
+            out / "main.md",
+            out / "ppl.png",
+            out / "entropy.png",
+        )
     else:
         write_sparsity(args.model, args.out)
 
