@@ -63,9 +63,7 @@ def get_ppl_inputs(wildcards) -> dict:
 
 
 def get_ppl_params(wildcards) -> dict:
-    settings = EXP.perplexity[wildcards.set]
-    return {"settings": {**settings.to_dict(), "dataset": EXP.resolve_source(settings.dataset)},
-            "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+    return EXP.ppl_params(wildcards.set, wildcards.row)
 
 
 def get_zeroshot_inputs(wildcards) -> dict:
@@ -76,7 +74,7 @@ def get_zeroshot_inputs(wildcards) -> dict:
 
 
 def get_zeroshot_params(wildcards) -> dict:
-    return {"settings": EXP.zeroshot.to_dict(), "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+    return EXP.zeroshot_params(wildcards.row)
 
 
 def get_table_inputs(wildcards) -> list:
