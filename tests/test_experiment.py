@@ -4,6 +4,7 @@ exactly with the settings that determine them, stage params, costs."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import jsonschema
@@ -152,3 +153,69 @@ def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
     for bad in ([selector] for selector in bad_selectors):
         with pytest.raises(Exception, match="pruner/pattern"):
             Experiment(load("demo.yaml", eval={"zeroshot": {"rows": bad}}))
+
+
+def test_evaluation_params_carry_the_model_dtype() -> None:
+    """Claim: a bf16 model entry's perplexity and zero-shot rules get compute.dtype bfloat16 (the
+    scripts build ComputeSettings from it), a float32 entry float32."""
+    from denoiserotator.settings import ComputeSettings
+
+    exp = Experiment(load("config.yaml"))
+    for model, dtype in (("llama3-70b", "bfloat16"), ("qwen2.5-72b", "bfloat16"), ("llama3-8b", "float32")):
+        row = next(r for r in exp.rows() if r.model == model)
+        for name in exp.perplexity:
+            assert ComputeSettings.from_mapping(exp.ppl_params(name, row.path)["compute"]).dtype == dtype
+        assert ComputeSettings.from_mapping(exp.zeroshot_params(row.path)["compute"]).dtype == dtype
+
+
+def test_eval_gpu_requests_follow_weights_and_eval_mode() -> None:
+    """Claim: zero-shot asks for as many A100-80G as the weights in the model's dtype need (each less
+    the reserve): 70B/72B in bf16 and 32B in fp32 need 2, 8B one; layer-wise perplexity (auto on
+    CUDA) stays on one GPU, whole-model perplexity is sized like zero-shot; overrides and CPU-only
+    configs win; prune keeps compute.gpus."""
+    exp = Experiment(load("config.yaml"))
+    gib = costs.GPU_MEMORY_GIB - costs.EVAL_GPU_RESERVE_GIB
+    for model in exp.models:
+        weights = costs.weights_bytes(exp, model)
+        expected = math.ceil(weights / (gib * 2**30))
+        assert costs.gpus(exp, model, "zeroshot") == max(1, expected)
+        assert costs.gpus(exp, model, "perplexity") == 1 == costs.gpus(exp, model, "prune")
+    assert costs.gpus(exp, "llama3-70b", "zeroshot") == 2 and costs.gpus(exp, "llama3-8b", "zeroshot") == 1
+    assert costs.weights_bytes(exp, "llama3-70b") == 70.6e9 * 2  # bf16 entry
+    whole = Experiment(load("config.yaml", compute={"eval_mode": "whole"}))
+    assert costs.gpus(whole, "qwen2.5-72b", "perplexity") == costs.gpus(whole, "qwen2.5-72b", "zeroshot") == 2
+    config = load("config.yaml")
+    config["models"][1]["resources"] = {"zeroshot": {"gpu": 4}}
+    assert costs.gpus(Experiment(config), "llama3-70b", "zeroshot") == 4
+    assert costs.gpus(Experiment(load("config.yaml", compute={"gpus": 0})), "llama3-70b", "zeroshot") == 0
+
+
+def test_gpu_steps_are_the_rules_that_request_gpus() -> None:
+    """Claim: the table's GPU column covers exactly the rules declaring gpu=get_gpu(<step>)."""
+    import re
+
+    text = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
+    assert set(re.findall(r'gpu=get_gpu\("(\w+)"\)', text)) == set(costs.GPU_STEPS)
+
+
+def test_readme_cluster_table_is_the_command_output() -> None:
+    """Claim: the README's resource table is what `python -m denoiserotator.costs table` prints for
+    config/config.yaml (regenerate it with that command when the sizing changes)."""
+    import contextlib
+    import io
+    import os
+
+    buffer = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            costs.main(["table"])
+    finally:
+        os.chdir(cwd)
+    printed = buffer.getvalue()
+    assert printed == costs.resource_table(Experiment(load("config.yaml")))  # same defaults as Snakemake's
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- costs table: begin -->\n") + len("<!-- costs table: begin -->\n")
+    end = readme.index("<!-- costs table: end -->")
+    assert readme[start:end] == printed

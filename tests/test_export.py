@@ -392,3 +392,65 @@ def test_cli_reports_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert report == json.loads(capsys.readouterr().out)
     assert report["class"] == "RotatedLlamaForCausalLM" and report["boundary_layers"] == [1]
     assert report["measured_sparsity"]["per_linear"]["up"] == 0.5
+
+
+def _pruned(family: str, seed: int) -> torch.nn.Module:
+    """A tiny model with a different fraction of exact zeros in every decoder linear."""
+    model = tiny_model(family, seed=seed, num_layers=3)
+    adapter = get_adapter(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for index in range(adapter.num_layers):
+            for k, name in enumerate(LINEAR_NAMES):
+                weight = adapter.layer(index).linear(name).weight
+                weight[torch.rand(weight.shape, generator=generator) < 0.1 * (k + index) / 3] = 0
+    return model
+
+
+@pytest.mark.parametrize(("family", "rotated", "shards"), [
+    ("llama", False, False), ("qwen2", True, False), ("mistral", True, True),
+])  # fmt: skip
+def test_folder_sparsity_streams_and_equals_the_model_count(
+    family: str, rotated: bool, shards: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claim: the sparsity read tensor by tensor from the safetensors equals the count on the loaded
+    model (overall, per linear, zeros, total), for plain, rotated and sharded folders, and is
+    computed without building a model (every model constructor raises while it runs)."""
+    import transformers
+
+    from denoiserotator import tables
+    from denoiserotator.export import folder_sparsity
+
+    model = _pruned(family, seed=7)
+    folder = tmp_path / "m"
+    boundary = [random_orthogonal(64, 1).float(), None, None] if rotated else None
+    save_model(model, tiny_tokenizer(), folder, boundary=boundary)
+    if shards:  # rewrite the weights as several shards with an index
+        (folder / "model.safetensors").unlink()
+        model.save_pretrained(folder, max_shard_size="50KB")
+        assert (folder / "model.safetensors.index.json").exists()
+    expected = measured_sparsity(load_model(folder)[0])
+    assert 0 < expected["overall"] < 1
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was instantiated")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
+    assert folder_sparsity(folder) == expected
+    out = tmp_path / "sparsity.json"
+    assert tables.write_sparsity(folder, out) == {"model": str(folder), **expected}
+    assert json.loads(out.read_text())["overall"] == expected["overall"]
+
+
+def test_folder_sparsity_refuses_a_folder_without_a_layer(tmp_path: Path) -> None:
+    """Claim: a decoder linear missing from the files is an error, not a count over fewer weights."""
+    from denoiserotator.export import folder_sparsity
+
+    folder = tmp_path / "m"
+    save_model(tiny_model("llama"), None, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadingError, match="up_proj"):
+        folder_sparsity(folder)

@@ -97,3 +97,93 @@ def test_perplexity_cli(tmp_path: Path) -> None:
     assert result["ppl"] == pytest.approx(hand_ppl(model, ids, 16, 3), rel=1e-5)
     assert result["windows"] == 3 and result["seqlen"] == 16 and result["bos"] is False
     assert result["dataset"] == f"json:{text}" and result["model"] == str(model_dir)
+
+
+def _orthogonal(size: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def _saved(family: str, folder: Path, rotated: bool, tie: bool = False) -> Path:
+    """A tiny folder; `rotated`: boundary rotations merged into layers 0 and 2 (Rotated* class)."""
+    from denoiserotator.export import save_model
+
+    model = tiny_model(family, seed=3, num_layers=3, tie=tie)
+    boundary = [_orthogonal(64, 1), None, _orthogonal(64, 2)] if rotated else None
+    save_model(model, tiny_tokenizer(), folder, boundary=boundary)
+    return folder
+
+
+@pytest.mark.parametrize("rotated", [False, True], ids=["plain", "rotated"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_layerwise_perplexity_equals_whole_model(family: str, rotated: bool, tmp_path: Path) -> None:
+    """Claim: one decoder layer at a time gives the whole-model forward's perplexity (fp32), for
+    every family, plain and with merged boundary rotations (loaded as Rotated*: the hooks act in
+    both paths), with a last batch smaller than the others (its own recorded kwargs)."""
+    from denoiserotator.export import load_model
+    from denoiserotator.modeling_denoiserotator import is_rotated
+
+    model, _ = load_model(_saved(family, tmp_path / "m", rotated))
+    assert is_rotated(model) == rotated
+    ids = torch.randint(3, 384, (5 * 40 + 3,), generator=torch.Generator().manual_seed(4))
+    whole = perplexity(model, ids, 40, batch_size=2)
+    layerwise = perplexity_module.perplexity_layerwise(model, ids, 40, batch_size=2, device="cpu")
+    assert layerwise["windows"] == whole["windows"] == 5 and layerwise["tokens"] == whole["tokens"]
+    assert layerwise["nll"] == pytest.approx(whole["nll"], rel=1e-6, abs=0)
+    # The boundary rotations matter: without them the perplexity is another one.
+    if rotated:
+        from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
+
+        attach_boundary_rotations(model, [None] * 3)
+        assert perplexity_module.perplexity_layerwise(model, ids, 40)["nll"] != pytest.approx(
+            whole["nll"], rel=1e-4
+        )
+
+
+def test_layerwise_perplexity_in_bfloat16_keeps_rotary_frequencies(tmp_path: Path) -> None:
+    """Claim: in a bfloat16 model the layer-wise path computes the position embeddings as the model
+    does (rotary inv_freq stays float32 while activations are captured): same perplexity as the
+    whole model over 256-token windows (the same bf16 operations in the same order, so equal to
+    fp64 rounding; a bf16-rounded inv_freq moved the NLL by 4e-5 relative here)."""
+    from denoiserotator.export import load_model
+
+    model, _ = load_model(_saved("llama", tmp_path / "m", rotated=True), dtype=torch.bfloat16)
+    ids = torch.randint(3, 384, (2 * 256,), generator=torch.Generator().manual_seed(5))
+    whole = perplexity(model, ids, 256)
+    layerwise = perplexity_module.perplexity_layerwise(model, ids, 256)
+    assert layerwise["nll"] == pytest.approx(whole["nll"], rel=1e-9)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("mode", "device", "expected"), [
+    ("auto", "cuda", "layerwise"), ("auto", "cuda:1", "layerwise"), ("auto", "cpu", "whole"),
+    ("whole", "cuda", "whole"), ("layerwise", "cpu", "layerwise"),
+])  # fmt: skip
+def test_eval_mode_resolution(mode: str, device: str, expected: str) -> None:
+    """Claim: auto streams layers on CUDA and runs the whole model on the CPU; explicit modes win."""
+    from denoiserotator.settings import ComputeSettings
+
+    assert ComputeSettings(eval_mode=mode).resolved_eval_mode(device) == expected
+
+
+def test_perplexity_stage_runs_the_resolved_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claim: the stage scores with the layer-wise function when the mode says so, records the mode,
+    and its result equals the whole-model run of the same folder."""
+    from denoiserotator.settings import ComputeSettings, PerplexitySettings
+
+    folder = _saved("qwen2", tmp_path / "m", rotated=True)
+    text = tmp_path / "eval.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Call me Ishmael, said sailor {i}."}) for i in range(30)))
+    settings = PerplexitySettings(dataset=f"json:{text}", seqlen=16, max_windows=5)
+    calls = []
+    real = perplexity_module.perplexity_layerwise
+    monkeypatch.setattr(perplexity_module, "perplexity_layerwise",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))  # fmt: skip
+    layerwise = perplexity_module.perplexity_stage(
+        folder, tmp_path / "a.json", settings, ComputeSettings(device="cpu", eval_mode="layerwise")
+    )
+    whole = perplexity_module.perplexity_stage(
+        folder, tmp_path / "b.json", settings, ComputeSettings(device="cpu", eval_mode="auto")
+    )
+    assert len(calls) == 1 and layerwise["eval_mode"] == "layerwise" and whole["eval_mode"] == "whole"
+    assert layerwise["nll"] == pytest.approx(whole["nll"], rel=1e-6)

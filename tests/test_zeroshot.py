@@ -143,3 +143,114 @@ def test_stale_fixture_paths_fail_clearly(tmp_path: Path, task_dir: Path) -> Non
     (moved / "local_piqa.yaml").write_text(text)
     with pytest.raises(FileNotFoundError, match="rebuild"):
         zeroshot(tiny_model("llama"), tiny_tokenizer(), ["piqa"], limit=1, batch_size=1, task_dir=moved)
+
+
+class _Properties:
+    def __init__(self, total_memory: int) -> None:
+        self.total_memory = total_memory
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, totals: list[int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(totals))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Properties(totals[i]))
+
+
+@pytest.mark.parametrize(("fraction", "expect_split"), [(2.0, False), (0.6, True)])
+def test_zeroshot_stage_splits_a_model_that_does_not_fit_one_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fraction: float, expect_split: bool
+) -> None:
+    """Claim: on CUDA, a model larger than one GPU (less the reserve) is loaded with accelerate's
+    device_map="auto" and max_memory = each visible GPU's memory less the reserve, and that loaded
+    model is what HFLM gets (with the batch size); a model that fits goes whole on the device.
+    (No GPU here: torch.cuda's queries, load_model and HFLM are stand-ins that record their calls.)"""
+    import lm_eval.models.huggingface as hf
+
+    from denoiserotator import costs, export
+    from denoiserotator.evaluate import zeroshot as zs
+    from denoiserotator.settings import ComputeSettings, ZeroshotSettings
+
+    folder = save_tiny_model("llama", tmp_path / "m")
+    weights = export.folder_parameter_count(folder) * 2  # bfloat16
+    reserve = 1000
+    monkeypatch.setattr(costs, "EVAL_GPU_RESERVE_GIB", reserve / 2**30)
+    total = int(weights * fraction) + reserve
+    _fake_gpus(monkeypatch, [total, total])
+    loaded: dict = {}
+    model = tiny_model("llama")
+
+    def fake_load(path, dtype, device, max_memory=None):
+        loaded.update(path=path, dtype=dtype, device=device, max_memory=max_memory)
+        return model, tiny_tokenizer()
+
+    built: dict = {}
+
+    def fake_hflm(**kwargs):
+        built.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(export, "load_model", fake_load)
+    monkeypatch.setattr(hf, "HFLM", fake_hflm)
+    with pytest.raises(_Stop):
+        zs.zeroshot_stage(folder, tmp_path / "out.json", ZeroshotSettings(tasks=("piqa",), batch_size=3),
+                          ComputeSettings(device="cuda", dtype="bfloat16"))  # fmt: skip
+    assert loaded["dtype"] == torch.bfloat16 and loaded["device"] == "cuda"
+    if expect_split:
+        assert loaded["max_memory"] == {0: total - reserve, 1: total - reserve}
+    else:
+        assert loaded["max_memory"] is None
+    assert built["pretrained"] is model and built["batch_size"] == 3 and "parallelize" not in built
+
+
+def test_zeroshot_stage_refuses_too_few_gpus_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claim: when the visible GPUs together are too small, the stage says so before loading."""
+    from denoiserotator import costs, export
+    from denoiserotator.evaluate import zeroshot as zs
+    from denoiserotator.settings import ComputeSettings, ZeroshotSettings
+
+    folder = save_tiny_model("llama", tmp_path / "m")
+    weights = export.folder_parameter_count(folder) * 4
+    monkeypatch.setattr(costs, "EVAL_GPU_RESERVE_GIB", 0.0)
+    _fake_gpus(monkeypatch, [weights // 3, weights // 3])
+    monkeypatch.setattr(export, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(RuntimeError, match="do not fit the 2 visible GPU"):
+        zs.zeroshot_stage(folder, tmp_path / "out.json", ZeroshotSettings(tasks=("piqa",)),
+                          ComputeSettings(device="cuda"))  # fmt: skip
+
+
+def test_placement_agrees_with_the_gpu_request() -> None:
+    """Claim: the GPUs costs.gpus_for_weights requests are enough for the stage's placement and one
+    fewer is not (same reserve), for the grid's largest models (70B/72B bf16, 32B fp32)."""
+    from denoiserotator import costs
+    from denoiserotator.evaluate.zeroshot import placement
+
+    gpu = int(costs.GPU_MEMORY_GIB * 2**30)
+    reserve = costs.EVAL_GPU_RESERVE_GIB * 2**30
+    for weights in (70.6e9 * 2, 72.7e9 * 2, 32.8e9 * 4, 8e9 * 4):
+        n = costs.gpus_for_weights(weights)
+        assert (placement(weights, "cuda", [gpu] * n, reserve) is None) == (n == 1)
+        if n > 1:
+            with pytest.raises(RuntimeError):
+                placement(weights, "cuda", [gpu] * (n - 1), reserve)
+    assert placement(1e12, "cpu", [gpu], reserve) is None  # CPU runs are never split
+
+
+def test_load_model_with_max_memory_dispatches_with_accelerate(tmp_path: Path) -> None:
+    """Claim: load_model's max_memory path (device_map="auto") loads a rotated folder strictly, with
+    its boundary rotations (here onto the CPU, the one device there is: a split over GPUs needs GPUs)."""
+    from denoiserotator.evaluate.perplexity import perplexity
+    from denoiserotator.export import load_model, save_model
+
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    save_model(tiny_model("qwen2"), tiny_tokenizer(), tmp_path / "m", boundary=[q, None])
+    plain, _ = load_model(tmp_path / "m")
+    mapped, _ = load_model(tmp_path / "m", max_memory={"cpu": 10**9})
+    assert all(p.device.type == "cpu" for p in mapped.parameters())
+    ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1))
+    assert perplexity(mapped, ids, 16)["nll"] == pytest.approx(perplexity(plain, ids, 16)["nll"], rel=1e-6)

@@ -15,6 +15,7 @@ step; every value doubles with each retry (`attempt`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,8 @@ from .experiment import Experiment, pattern_from_slug
 from .pruners import parse_pattern
 
 # Host memory per parameter-GB of the model, by stage: what each holds besides the weights.
-MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5}
+# sparsity: 0, the read-back streams one tensor at a time (export.folder_sparsity), so 3 GB suffice.
+MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5, "sparsity": 0.0}
 DEFAULT_MEMORY_FACTOR = 1.2
 SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers); fallback without shapes
 COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assumptions (flops.DEVICES)
@@ -45,8 +47,14 @@ def threads(exp: Experiment, model: str, step: str) -> int:
 
 
 def gpus(exp: Experiment, model: str, step: str) -> int:
+    """GPUs of a rule step: the entry's override, else `compute.gpus`, raised for the steps that hold
+    the whole model on GPUs (`whole_model_on_gpu`) to `gpus_for_weights`; 0 for CPU-only configs."""
     value = _override(exp, model, step, "gpu")
-    return value if value is not None else exp.compute.gpus
+    if value is not None:
+        return value
+    if exp.compute.gpus == 0 or not whole_model_on_gpu(exp, step):
+        return exp.compute.gpus
+    return max(exp.compute.gpus, gpus_for_weights(weights_bytes(exp, model)))
 
 
 def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
@@ -174,3 +182,102 @@ def gpu_request(count: int, environ: Mapping[str, str]) -> dict[str, Any]:
     if flag == "gres":
         return {"gpu": 0, "gpu_model": "", "gres": f"gpu:{model}:{count}" if model else f"gpu:{count}"}
     return {"gpu": count, "gpu_model": model, "gres": ""}
+
+
+# -- GPUs for evaluation -------------------------------------------------------------------------
+# Zero-shot (and perplexity with compute.eval_mode: whole) holds the whole model on GPUs, split by
+# accelerate (device_map="auto") when it does not fit one. Each GPU keeps a fixed reserve for what
+# does not scale with the weights: the logits of a batch (8 × ≤ 512 tokens × 152k vocab in fp32 ≈
+# 2.5 GB, twice with the log-softmax), the CUDA context and allocator slack. The zero-shot stage
+# splits with the same reserve (evaluate.zeroshot.placement).
+GPU_MEMORY_GIB = 80.0  # one A100-80G, the GPU the cluster profile asks for
+EVAL_GPU_RESERVE_GIB = 8.0
+BYTES_PER_PARAMETER: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weights_bytes(exp: Experiment, model: str) -> float:
+    """Bytes of the model's weights in its dtype (params_b × 10⁹ × bytes per parameter)."""
+    return exp.models[model]["params_b"] * 1e9 * BYTES_PER_PARAMETER[exp.model_dtype(model)]
+
+
+def gpus_for_weights(weights: float, gpu_gib: float = GPU_MEMORY_GIB) -> int:
+    """The fewest GPUs of `gpu_gib` GiB whose memory less `EVAL_GPU_RESERVE_GIB` each holds `weights`
+    bytes (at least 1)."""
+    return max(1, math.ceil(weights / ((gpu_gib - EVAL_GPU_RESERVE_GIB) * 2**30)))
+
+
+def whole_model_on_gpu(exp: Experiment, step: str) -> bool:
+    """Whether a step holds the whole model on GPUs: zero-shot (lm-eval), and perplexity unless it
+    runs layer by layer (compute.eval_mode auto/layerwise on CUDA: one decoder layer at a time)."""
+    if step == "zeroshot":
+        return True
+    return step == "perplexity" and exp.compute.resolved_eval_mode(exp.compute.device) == "whole"
+
+
+# -- the README's cluster table ------------------------------------------------------------------
+TABLE_STEPS: tuple[str, ...] = ("prune", "finetune", "perplexity", "zeroshot", "sparsity")
+GPU_STEPS: tuple[str, ...] = ("prune", "finetune", "perplexity", "zeroshot")  # rules with gpu=get_gpu(..)
+
+
+def resource_table(exp: Experiment) -> str:
+    """Markdown: per model its size, dtype, weights, and per step the host memory and GPUs its rule
+    requests (first attempt), from `mem_mb` and `gpus`, the functions the rules call."""
+    header = ["model", "parameters", "dtype", "weights"] + [
+        f"{step}: host RAM / GPUs" for step in TABLE_STEPS
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, entry in exp.models.items():
+        cells = [
+            model,
+            f"{entry['params_b']:g} B",
+            exp.model_dtype(model),
+            f"{weights_bytes(exp, model) / 1e9:.0f} GB",
+        ]
+        cells += [
+            f"{mem_mb(exp, model, step) / 1024:.0f} GB / "
+            + (str(gpus(exp, model, step)) if step in GPU_STEPS else "-")
+            for step in TABLE_STEPS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_defaults(value: Any, schema: dict[str, Any]) -> Any:
+    """`value` with the schema's defaults filled in (as snakemake.utils.validate does)."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            if key not in value and "default" in sub:
+                value[key] = sub["default"]
+        for key in value:
+            if key in properties:
+                value[key] = _with_defaults(value[key], properties[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_with_defaults(item, schema["items"]) for item in value]
+    return value
+
+
+def load_experiment(config: str, schema: str = "workflow/schemas/config.schema.yaml") -> Experiment:
+    """The Experiment of a config file (without overlays), with the schema's defaults."""
+    import yaml
+
+    with open(config) as handle:
+        raw = yaml.safe_load(handle)
+    with open(schema) as handle:
+        return Experiment(_with_defaults(raw, yaml.safe_load(handle)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Resource requests of the rules.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    table = sub.add_parser("table", help="Markdown table of host memory and GPUs per model and step")
+    table.add_argument("--config", default="config/config.yaml")
+    table.add_argument("--schema", default="workflow/schemas/config.schema.yaml")
+    args = parser.parse_args(argv)
+    print(resource_table(load_experiment(args.config, args.schema)), end="")
+
+
+if __name__ == "__main__":
+    main()

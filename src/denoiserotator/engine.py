@@ -72,7 +72,7 @@ def capture_layer_inputs(
     # Everything in the base model but the decoder layers (embedding, rotary, norm) is small.
     moved: list[nn.Module] = [module for name, module in base.named_children() if name != "layers"]
     for module in moved:
-        module.to(device=device, dtype=dtype)
+        _to_device(module, device, dtype)
     hidden: list[torch.Tensor] = []
     layer_kwargs: list[dict[str, Any]] = []
     try:
@@ -92,6 +92,19 @@ def capture_layer_inputs(
         for module in moved:
             module.to("cpu")
     return LayerInputs(hidden=hidden, layer_kwargs=layer_kwargs)
+
+
+def _to_device(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `module` to `device` and its floating-point parameters to `dtype`; buffers keep theirs.
+
+    Buffers must keep their dtype: the rotary embedding's `inv_freq` is float32 in a bfloat16 model,
+    and rounding it to bfloat16 shifts the angle at position p by up to p × 2⁻⁹ × inv_freq (radians
+    at p = 2048), so the captured position embeddings would differ from the model's own forward.
+    """
+    module.to(device)
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def _detach_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -330,3 +330,19 @@ class Experiment:
         if row.rotation == "denoise":
             params["rotation"] = self.rotation.to_dict()
         return params
+
+    def ppl_params(self, name: str, row_path: str) -> dict[str, Any]:
+        """The perplexity rule's params: the set (its dataset resolved) and the compute section in the
+        row's model dtype (a bf16 entry is evaluated in bf16)."""
+        settings = self.perplexity[name]
+        return {"settings": {**settings.to_dict(), "dataset": self.resolve_source(settings.dataset)},
+                "compute": self.compute_for(row_path.split("/", 1)[0]).to_dict()}  # fmt: skip
+
+    def zeroshot_params(self, row_path: str) -> dict[str, Any]:
+        """The zero-shot rule's params: the section and compute in the row's model dtype."""
+        # `rows` chooses which rows are evaluated, not how: left out so changing it reruns nothing.
+        settings = {key: value for key, value in self.zeroshot.to_dict().items() if key != "rows"}
+        return {
+            "settings": settings,
+            "compute": self.compute_for(row_path.split("/", 1)[0]).to_dict(),
+        }

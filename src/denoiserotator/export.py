@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,6 +34,8 @@ __all__ = [
     "METADATA_FILE",
     "attach_boundary_rotations",
     "get_boundary_rotations",
+    "folder_parameter_count",
+    "folder_sparsity",
     "load_model",
     "measured_sparsity",
     "read_metadata",
@@ -71,6 +74,79 @@ def measured_sparsity(model: nn.Module) -> dict[str, Any]:
             weight = _base_weight(layer.linear(name)).detach()
             zeros[name] += int((weight == 0).sum())
             totals[name] += weight.numel()
+    return {
+        "overall": sum(zeros.values()) / sum(totals.values()),
+        "per_linear": {name: zeros[name] / totals[name] for name in LINEAR_NAMES},
+        "zeros": sum(zeros.values()),
+        "total": sum(totals.values()),
+    }
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors shards (from the index when sharded); FileNotFoundError if none."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json)")
+
+
+def folder_parameter_count(folder: str | Path) -> int:
+    """Values stored in a folder's safetensors, read from the file headers only (no tensor data)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in _safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                count += math.prod(handle.get_slice(key).get_shape())
+    return count
+
+
+def folder_sparsity(folder: str | Path) -> dict[str, Any]:
+    """`measured_sparsity` of a saved folder, streamed: no model is built.
+
+    Reads the seven decoder linears' weights (`<layers>.<i>.<linear path>.weight`, paths from the
+    family's adapter chosen by config.json) one tensor at a time with `safetensors.safe_open`, so
+    host memory holds one weight matrix (down_proj of a 70B model: 235 M values) instead of the
+    model. Raises FileNotFoundError without safetensors and LoadingError when a layer's linear is
+    missing from the files.
+    """
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from .adapters import adapter_class_for_config
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    adapter = adapter_class_for_config(SimpleNamespace(**config))
+    num_layers = int(config["num_hidden_layers"])
+    wanted = {
+        f"{adapter.layers_path}.{index}.{adapter.linear_paths[name]}.weight": name
+        for index in range(num_layers)
+        for name in LINEAR_NAMES
+    }
+    zeros = dict.fromkeys(LINEAR_NAMES, 0)
+    totals = dict.fromkeys(LINEAR_NAMES, 0)
+    seen: set[str] = set()
+    for path in _safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                name = wanted.get(key)
+                if name is None or key in seen:
+                    continue
+                weight = handle.get_tensor(key)
+                zeros[name] += int((weight == 0).sum())
+                totals[name] += weight.numel()
+                seen.add(key)
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise LoadingError(
+            f"{folder}: {len(missing)} decoder linears missing from the files, e.g. {missing[:3]}"
+        )
     return {
         "overall": sum(zeros.values()) / sum(totals.values()),
         "per_linear": {name: zeros[name] / totals[name] for name in LINEAR_NAMES},
@@ -202,29 +278,38 @@ def _quiet_progress() -> None:
 
 
 def load_model(
-    folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_memory: dict[int | str, int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder strictly: any missing, unexpected or mis-shaped tensor raises LoadingError.
 
     Rotated folders are loaded with this package's classes (same code as the folder's copy of
     modeling_denoiserotator.py, without going through the remote-code module cache).
+    max_memory ({GPU index: bytes}): split the model over those GPUs with accelerate
+    (device_map="auto", whole decoder layers per GPU) instead of putting it on `device`.
     """
     folder = Path(folder)
     _quiet_progress()
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    placement: dict[str, Any] = {} if max_memory is None else {"device_map": "auto", "max_memory": max_memory}
     if config.get(modeling.CONFIG_KEY):
         name = (config.get("architectures") or [""])[0]
         model_class = getattr(modeling, name, None)
         if model_class is None or not getattr(model_class, "_denoiserotator_rotated", False):
             raise LoadingError(f"{folder}: boundary rotations recorded but unknown architecture {name!r}")
-        model, info = model_class.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, info = model_class.from_pretrained(
+            str(folder), dtype=dtype, output_loading_info=True, **placement
+        )
     else:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, output_loading_info=True, trust_remote_code=True
+            str(folder), dtype=dtype, output_loading_info=True, trust_remote_code=True, **placement
         )
     _check_strict(model, info, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return model.to(device).eval(), tokenizer
+    # A model dispatched by accelerate must not be moved as a whole.
+    return (model if max_memory is not None else model.to(device)).eval(), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,10 @@ class BoundaryRotation(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # In the matrix's precision (fp32 for bf16/fp16 models): an orthogonal matrix rounded to
         # bf16 is visibly non-orthogonal, and the error would compound over the layers.
-        return (hidden_states.to(self.weight.dtype) @ self.weight).to(hidden_states.dtype)
+        # On the matrix's device: under accelerate's device_map this pre-hook runs before the
+        # layer's own hook moves its inputs, so the hidden state may still be on the previous GPU.
+        rotated = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype) @ self.weight
+        return rotated.to(hidden_states.dtype)
 
 
 def _boundary_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -377,11 +377,29 @@ class ComputeSettings(StageSettings):
         8, "calibration sequences per forward in the prune stage", minimum=1, identity=False
     )
     eval_batch_size: int = setting(1, "perplexity windows per forward", minimum=1, identity=False)
+    eval_mode: str = setting(
+        "auto",
+        "perplexity: whole (the model on the device), layerwise (one decoder layer at a time on the "
+        "device, the rest on the host), auto (layerwise on CUDA, whole on CPU)",
+        choices=("auto", "whole", "layerwise"),
+        identity=False,
+    )
 
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_eval_mode(self, device: str | None = None) -> str:
+        """'whole' or 'layerwise' for perplexity on `device` (default: the resolved device).
+
+        auto is layerwise on CUDA: it copies every weight host→GPU once, as loading the whole model
+        onto the GPU does, but needs one decoder layer of GPU memory instead of the whole model, so
+        every model of the grid fits one GPU; on the CPU there is nothing to stream, so whole.
+        """
+        if self.eval_mode != "auto":
+            return self.eval_mode
+        return "layerwise" if (device or self.resolved_device()).startswith("cuda") else "whole"
 
 
 @dataclass(frozen=True)

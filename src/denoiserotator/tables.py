@@ -67,11 +67,12 @@ def _read_json(path: str | Path | None) -> dict[str, Any] | None:
 
 
 def write_sparsity(model_dir: Path, out: Path) -> dict[str, Any]:
-    """Measured sparsity of the seven decoder linears, read back from a saved folder."""
-    from .export import load_model, measured_sparsity
+    """Measured sparsity of the seven decoder linears, read back from a saved folder's safetensors
+    one tensor at a time (`export.folder_sparsity`: no model is built, so a 70B folder needs the
+    memory of one weight matrix)."""
+    from .export import folder_sparsity
 
-    model, _ = load_model(model_dir)
-    result = {"model": str(model_dir), **measured_sparsity(model)}
+    result = {"model": str(model_dir), **folder_sparsity(model_dir)}
     write_json_atomic(out, result)
     return result
 

@@ -65,9 +65,7 @@ def get_ppl_inputs(wildcards) -> dict:
 
 
 def get_ppl_params(wildcards) -> dict:
-    settings = EXP.perplexity[wildcards.set]
-    return {"settings": {**settings.to_dict(), "dataset": EXP.resolve_source(settings.dataset)},
-            "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+    return EXP.ppl_params(wildcards.set, wildcards.row)
 
 
 def get_zeroshot_inputs(wildcards) -> dict:
@@ -77,9 +75,7 @@ def get_zeroshot_inputs(wildcards) -> dict:
 
 
 def get_zeroshot_params(wildcards) -> dict:
-    # `rows` chooses which rows are evaluated, not how: left out so changing it reruns nothing.
-    settings = {k: v for k, v in EXP.zeroshot.to_dict().items() if k != "rows"}
-    return {"settings": settings, "compute": EXP.compute_for(wildcards.row.split("/", 1)[0]).to_dict()}
+    return EXP.zeroshot_params(wildcards.row)
 
 
 def get_fetch_targets(wildcards) -> list:

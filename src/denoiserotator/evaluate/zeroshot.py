@@ -97,6 +97,8 @@ def zeroshot(
         task_source = "hub"
         names = {t: t for t in tasks}
         manager = TaskManager()
+    # A loaded model: HFLM uses it where it is (one device, or split by accelerate over several;
+    # its `device` argument only applies to models it loads itself).
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     output = lm_eval.simple_evaluate(
         model=lm,
@@ -139,6 +141,36 @@ def zeroshot(
     return results
 
 
+def placement(weights: float, device: str, gpu_bytes: list[int], reserve: float) -> dict[int, int] | None:
+    """Where the model goes: None = whole on `device`; else accelerate's max_memory {GPU: bytes}.
+
+    weights: bytes of the weights in the compute dtype; gpu_bytes: total memory of each visible GPU
+    (SLURM makes the GPUs a job got visible); reserve: bytes each GPU keeps for activations
+    (costs.EVAL_GPU_RESERVE_GIB, the same rule that sized the job's GPU request). The model is split
+    over every visible GPU only when it does not fit the one `device` names.
+    Raises RuntimeError before anything is loaded when the visible GPUs together are too small.
+    """
+    if not device.startswith("cuda") or not gpu_bytes:
+        return None
+    budgets = {index: int(total - reserve) for index, total in enumerate(gpu_bytes)}
+    first = int(device.split(":", 1)[1]) if ":" in device else 0
+    if weights <= budgets[first]:
+        return None
+    if weights > sum(budgets.values()):
+        raise RuntimeError(
+            f"the weights ({weights / 2**30:.1f} GiB) do not fit the {len(gpu_bytes)} visible GPU(s) "
+            f"({sum(budgets.values()) / 2**30:.1f} GiB after a reserve of {reserve / 2**30:.1f} GiB each); "
+            "request more GPUs (the model entry's resources: {zeroshot: {gpu: N}})"
+        )
+    return budgets
+
+
+def _gpu_memory(device: str) -> list[int]:
+    if not device.startswith("cuda"):
+        return []
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+
+
 def _check_includes(task_dir: Path, names: list[str]) -> None:
     """The YAMLs name lm-eval's files and the data by absolute path: fail clearly if they moved."""
     import yaml
@@ -169,18 +201,28 @@ def zeroshot_stage(
 ) -> dict[str, Any]:
     """lm-eval zero-shot of the model folder `model_dir` (in `compute.dtype`); with `task_dir`,
     the local task YAMLs (fixtures, or the hub tasks' local copy) instead of the hub. Writes the
-    result JSON `out` and returns it."""
-    from denoiserotator.export import load_model
+    result JSON `out` and returns it.
+
+    On CUDA a model that does not fit one GPU is split over all visible GPUs by accelerate
+    (`placement`; device_map="auto" with max_memory, whole decoder layers per GPU) and handed to
+    lm-eval's HFLM as a loaded model, so the strict loading and the package's Rotated* classes
+    apply as on one device. RuntimeError when the visible GPUs are too small together.
+    """
+    from denoiserotator import costs, export
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     torch.manual_seed(0)
     device = compute.resolved_device()
-    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
+    dtype = DTYPES[compute.dtype]
+    weights = export.folder_parameter_count(model_dir) * dtype.itemsize
+    max_memory = placement(weights, device, _gpu_memory(device), costs.EVAL_GPU_RESERVE_GIB * 2**30)
+    model, tokenizer = export.load_model(model_dir, dtype=dtype, device=device, max_memory=max_memory)
     fetch_rule = FETCH_RULE if settings.source == "hub" else "zeroshot_fixtures"
     result = zeroshot(model, tokenizer, list(settings.tasks), limit=settings.limit,
                       batch_size=settings.batch_size, task_dir=task_dir, device=device,
                       fetch_rule=fetch_rule)  # fmt: skip
-    result.update(model=str(model_dir), dtype=compute.dtype)
+    result.update(model=str(model_dir), dtype=compute.dtype,
+                  gpus=len(max_memory) if max_memory else int(device.startswith("cuda")))  # fmt: skip
     write_json(out, result)
     print(json.dumps({t: round(r["value"], 4) for t, r in result["tasks"].items()}
                      | {"zeroshot_avg": round(result["zeroshot_avg"], 4),
