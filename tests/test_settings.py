@@ -109,3 +109,12 @@ def test_yaml_lists_become_hashable_tuples() -> None:
     settings = RotationSettings.from_mapping({"betas": [0.5, 0.9], "lr": 1})
     assert settings.betas == (0.5, 0.9) and isinstance(settings.lr, float)
     hash(settings)
+
+
+def test_schema_registries_are_the_packages() -> None:
+    """Pruner names, dtypes and model families appear in the schema's hand-written part; they are
+    written from the package's registries (PRUNERS, DTYPES, testing.FAMILIES), so each exists once."""
+    from denoiserotator.settings import _registry_parent, registry_values
+
+    for key_path, value in registry_values().items():
+        assert _registry_parent(SCHEMA, key_path)[key_path[-1]] == value, key_path

