@@ -31,7 +31,7 @@ code's bf16 loss). Pruners: `magnitude` (one threshold per matrix, as the packag
 reference code), `magnitude-row` (diagnostic only: one threshold per output row), `wanda`,
 `sparsegpt`.
 
-Quick study (about 10 minutes on one core):
+Quick study (10–30 minutes on one core, depending on the machine's load):
 
     PYTHONPATH=src python bench/magnitude_study.py --layers 6 --steps 100 \
         --pruners magnitude magnitude-row --patterns 50% \
