@@ -343,3 +343,28 @@ def test_cuda_matches_cpu(pruner, pattern_text):
     assert gpu.weight.is_cuda and gpu.mask.is_cuda
     assert torch.equal(gpu.mask.cpu(), cpu.mask)
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_folding_changes_magnitude_masks_but_not_wanda_masks():
+    """Folding an RMSNorm scale γ into W (W·diag(γ), SPEC §2) is what DenoiseRotator does before
+    scoring. Wanda's mask is invariant to it (the input norms absorb γ: |W_ij γ_j|·‖x_j‖ =
+    |W_ij|·‖γ_j x_j‖), Magnitude's is not: a small γ_j hides column j from one per-matrix
+    threshold. This is why only Magnitude changes with 0 rotation steps (README, "Magnitude
+    and DenoiseRotator on SmolLM2")."""
+    from denoiserotator.pruners import magnitude_mask, parse_pattern, wanda_mask
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(256, 32, generator=generator, dtype=torch.float64)
+    gamma = torch.rand(32, generator=generator, dtype=torch.float64) + 0.05
+    gamma[3] = 1e-3  # a near-zero scale, as on SmolLM2's large-activation channels
+    folded = weight * gamma[None, :]
+    gram = inputs.T @ inputs  # Gram of the normalised inputs, before γ
+    scaled_gram = (inputs * gamma).T @ (inputs * gamma)  # Gram of what the unfolded W sees
+    pattern = parse_pattern("50%")
+
+    assert torch.equal(wanda_mask(folded, gram, pattern), wanda_mask(weight, scaled_gram, pattern))
+    plain, after_fold = magnitude_mask(weight, pattern), magnitude_mask(folded, pattern)
+    assert not torch.equal(plain, after_fold)
+    assert not after_fold[:, 3].any()  # the whole hidden column is pruned
+    assert plain[:, 3].any()
