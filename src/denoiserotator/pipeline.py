@@ -28,11 +28,17 @@ from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
 from .checks import check_grams, check_layer_input, check_layer_output, check_layer_weights, preflight
-from .engine import capture_layer_inputs, run_layer
+from .engine import capture_layer_inputs, place_layer, run_layer
 from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
 from .pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
-from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
+from .rotation.fuse import (
+    RotatedLayer,
+    fold_layer_norms,
+    fuse_layer_rotation,
+    merge_boundary_rotations,
+    rotate,
+)
 from .rotation.train import LayerProblem, train_rotation
 from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings, SettingsError
 
@@ -215,8 +221,7 @@ def to_basis(hidden: list[torch.Tensor], r1: torch.Tensor | None) -> list[torch.
     """Activations in the basis of a layer rotated by R1 (h·R1); unchanged without R1."""
     if r1 is None:
         return list(hidden)
-    r1 = r1.to(hidden[0].dtype)
-    return [batch @ r1 for batch in hidden]
+    return [rotate(batch, r1) for batch in hidden]  # in fp32 for bf16 activations, as RotatedLayer
 
 
 def propagate(
@@ -293,7 +298,7 @@ def run_pipeline(
     show = progress and sys.stderr.isatty()
     for index in tqdm(range(len(stats), adapter.num_layers), desc="layers", disable=not show):
         layer_started = time.perf_counter()
-        adapter.layers[index] = adapter.layers[index].to(device=device, dtype=dtype)
+        place_layer(adapter, index, device, dtype)
         check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
         check_layer_weights(adapter.layers[index], index)
         r1, hidden, record = process_layer(
@@ -383,7 +388,7 @@ class LayerCheckpoint:
         stats: list[dict[str, Any]] = []
         for index in range(done):
             saved = self.load_layer(index)
-            adapter.layers[index] = adapter.layers[index].to(dtype=dtype)
+            place_layer(adapter, index, None, dtype)  # load_state_dict keeps each tensor's dtype
             adapter.layers[index].load_state_dict(saved["state"], strict=True)
             rotations.append(saved["rotation"])
             stats.append(saved["record"])

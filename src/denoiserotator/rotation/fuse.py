@@ -138,8 +138,15 @@ class RotatedLayer(nn.Module):
             return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        rotation = self.rotation.to(hidden_states.dtype)
-        output = self.layer(hidden_states @ rotation, *args, **kwargs)
+        output = self.layer(rotate(hidden_states, self.rotation), *args, **kwargs)
         if isinstance(output, tuple):
-            return (output[0] @ rotation.T, *output[1:])
-        return output @ rotation.T
+            return (rotate(output[0], self.rotation.T), *output[1:])
+        return rotate(output, self.rotation.T)
+
+
+def rotate(hidden: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """hidden (..., d) @ rotation (d, d), computed in fp32 for bf16/fp16 activations and returned
+    in hidden's dtype, as the exported `BoundaryRotation` does: an orthogonal matrix rounded to
+    bf16 is visibly non-orthogonal, so a bf16 product would differ from the exported model."""
+    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    return (hidden.to(dtype) @ rotation.to(device=hidden.device, dtype=dtype)).to(hidden.dtype)
