@@ -377,6 +377,18 @@ class ComputeSettings(StageSettings):
         8, "calibration sequences per forward in the prune stage", minimum=1, identity=False
     )
     eval_batch_size: int = setting(1, "perplexity windows per forward", minimum=1, identity=False)
+    checkpoint_every_layers: int = setting(
+        8,
+        "prune stage: save a resumable checkpoint after every this many finished layers (0: never by count)",
+        minimum=0,
+        identity=False,
+    )
+    checkpoint_every_minutes: float = setting(
+        30.0,
+        "prune stage: also save one once this many minutes passed since the last (0: never by time)",
+        minimum=0,
+        identity=False,
+    )
 
     def resolved_device(self) -> str:
         if self.device != "auto":
