@@ -196,10 +196,14 @@ def prune_groups(
     linears = view.linears()
     damping: dict[str, float | None] = {}
     for group in adapter.input_groups.values():
+        # The linears of a group share their input, hence their Gram matrix: collect it once
+        # (one (in, in) accumulator instead of three for q, k, v).
         grams = (
             {}
             if settings.pruner == "magnitude"
-            else input_statistics(view.layer, linears, group, hidden, kwargs)
+            else dict.fromkeys(
+                group, input_statistics(view.layer, linears, group[:1], hidden, kwargs)[group[0]]
+            )
         )
         check_grams(grams, index, view.linear_paths, f"pruning with {settings.pruner}", hidden[0].dtype)
         for name in group:
@@ -214,6 +218,7 @@ def prune_groups(
             )
             linear.weight.data = pruned.weight.to(linear.weight.dtype)
             damping[name] = pruned.damping
+        del grams  # before the next group's statistics are collected, not after
     sparsity = {name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES}
     return {"damping": damping, "sparsity": sparsity}
 
