@@ -8,10 +8,13 @@ import torch
 from denoiserotator.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.engine import capture_layer_inputs, run_layer
 from denoiserotator.pipeline import PruneSettings, run_pipeline
-from denoiserotator.settings import PruningSettings, RotationSettings, SettingsError
+from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import FAMILIES, tiny_model
 
 from .test_rotation import apply_boundary_hooks
+
+# A checkpoint after every layer (the default is every 8 layers or 30 minutes).
+EVERY_LAYER = ComputeSettings(checkpoint_every_layers=1, checkpoint_every_minutes=0)
 
 
 def calibration(model: torch.nn.Module, samples: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -115,7 +118,9 @@ def test_bad_settings_fail_clearly() -> None:
 
 
 def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -> None:
-    settings = PruneSettings(pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4))
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
+    )
     reference_model = tiny_model("mistral", num_layers=3)
     ids = calibration(reference_model)
     reference = run_pipeline(reference_model, ids, settings, progress=False)
@@ -149,11 +154,88 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
         s["entropy_after"] for s in reference.layer_stats
     ]
     # Other settings never pick up this checkpoint.
-    other = PruneSettings(pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=4))
+    other = PruneSettings(
+        pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
+    )
     fresh = run_pipeline(
         tiny_model("mistral", num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
     )
     assert len(fresh.layer_stats) == 3
+
+
+def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypatch) -> None:
+    """With checkpoint_every_layers=2 the activations are written once in 4 layers (not after
+    every layer), and a run killed in layer 3 resumes after layer 1 (layer 2, finished but not
+    checkpointed, is redone) with a result equal to an uninterrupted run."""
+    import denoiserotator.pipeline as pipeline
+
+    compute = ComputeSettings(checkpoint_every_layers=2, checkpoint_every_minutes=0)
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=compute
+    )
+    ids = calibration(tiny_model("llama", num_layers=4))
+    reference = run_pipeline(tiny_model("llama", num_layers=4), ids, settings, progress=False)
+
+    real_run_layer, real_save = pipeline.run_layer, pipeline._atomic_save
+    calls = {"n": 0}
+    hidden_writes: list[str] = []
+
+    def dying_run_layer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6 * 3 + 2:  # 6 calls per layer: die inside layer 3
+            raise RuntimeError("node failure")
+        return real_run_layer(*args, **kwargs)
+
+    def counting_save(obj, path):
+        if path.name == "hidden.pt":
+            hidden_writes.append(path.name)
+        return real_save(obj, path)
+
+    monkeypatch.setattr(pipeline, "run_layer", dying_run_layer)
+    monkeypatch.setattr(pipeline, "_atomic_save", counting_save)
+    with pytest.raises(RuntimeError, match="node failure"):
+        run_pipeline(
+            tiny_model("llama", num_layers=4), ids, settings, progress=False, checkpoint_dir=tmp_path
+        )
+    monkeypatch.setattr(pipeline, "run_layer", real_run_layer)
+    assert len(hidden_writes) == 1  # after layer 1 only; layer 2 finished but was not due
+    assert sorted(p.name for p in tmp_path.glob("layer-*.pt")) == ["layer-0000.pt", "layer-0001.pt"]
+
+    # Resuming with another frequency keeps the checkpoint: frequency is not part of its key.
+    every_layer = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
+    )
+    resumed = run_pipeline(
+        tiny_model("llama", num_layers=4), ids, every_layer, progress=False, checkpoint_dir=tmp_path
+    )
+    for expected, actual in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(expected, actual)
+    assert [s["entropy_after"] for s in resumed.layer_stats] == [
+        s["entropy_after"] for s in reference.layer_stats
+    ]
+    # Layers 2 (resumed run, every layer) written; layer 3 is the last: the job is done, no write.
+    assert len(hidden_writes) == 2
+
+
+def test_checkpoint_policy_counts_layers_and_minutes() -> None:
+    """A checkpoint is due once k layers or t minutes passed since the last one; 0 disables each."""
+    from denoiserotator.pipeline import CheckpointPolicy
+
+    now = {"t": 0.0}
+    policy = CheckpointPolicy(every_layers=3, every_minutes=10, clock=lambda: now["t"])
+    assert [policy.due(done) for done in (1, 2, 3)] == [False, False, True]
+    policy.saved(3)
+    now["t"] = 599.0
+    assert not policy.due(4)
+    now["t"] = 600.0
+    assert policy.due(4)  # ten minutes since the start, only one layer since the last checkpoint
+    policy.saved(4)
+    never = CheckpointPolicy(every_layers=0, every_minutes=0, clock=lambda: now["t"])
+    now["t"] = 1e9
+    assert not never.due(10**6)
+    resumed = CheckpointPolicy(every_layers=2, every_minutes=0)
+    resumed.start(5)
+    assert not resumed.due(6) and resumed.due(7)
 
 
 def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, caplog) -> None:
@@ -164,7 +246,9 @@ def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, c
 
     import denoiserotator.pipeline as pipeline
 
-    settings = PruneSettings(pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4))
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
+    )
     model_a = tiny_model("llama", seed=0, num_layers=3)
     ids = calibration(model_a)
     real_run_layer = pipeline.run_layer

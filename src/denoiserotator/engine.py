@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .config_scope import temporary_config
+from .precision import fp32_modules, place
 
 
 class _LayerRecorder(nn.Module):
@@ -66,13 +67,23 @@ def capture_layer_inputs(
     device: torch.device,
     dtype: torch.dtype,
 ) -> LayerInputs:
+    """One pass of the base model over `input_ids` (nsamples, seqlen) in batches of `batch_size`:
+    the hidden states entering layer 0 (one (batch, seqlen, hidden) tensor per batch, on
+    `device` in `dtype`) and the keyword arguments each layer receives (those of the first batch;
+    all batches share a shape). The non-layer modules are placed with `precision.place`: their
+    parameters in `dtype`, their buffers (rotary inv_freq) as the model keeps them."""
     layers = adapter.layers
     base = _base_model(adapter)
     originals = list(layers)
+    base_path = adapter.layers_path.rsplit(".", 1)[0]
+    keep = fp32_modules(adapter.model, dtype)
     # Everything in the base model but the decoder layers (embedding, rotary, norm) is small.
-    moved: list[nn.Module] = [module for name, module in base.named_children() if name != "layers"]
-    for module in moved:
-        _to_device(module, device, dtype)
+    # `place`, not `.to(dtype)`: the rotary embedding's inv_freq stays fp32 as in the model
+    # loaded in `dtype`, so the captured position embeddings are the model's own.
+    moved: list[nn.Module] = []
+    for name, module in base.named_children():
+        if name != "layers":
+            moved.append(place(module, device, dtype, keep, prefix=f"{base_path}.{name}"))
     hidden: list[torch.Tensor] = []
     layer_kwargs: list[dict[str, Any]] = []
     try:
@@ -94,17 +105,18 @@ def capture_layer_inputs(
     return LayerInputs(hidden=hidden, layer_kwargs=layer_kwargs)
 
 
-def _to_device(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move `module` to `device` and its floating-point parameters to `dtype`; buffers keep theirs.
-
-    Buffers must keep their dtype: the rotary embedding's `inv_freq` is float32 in a bfloat16 model,
-    and rounding it to bfloat16 shifts the angle at position p by up to p × 2⁻⁹ × inv_freq (radians
-    at p = 2048), so the captured position embeddings would differ from the model's own forward.
-    """
-    module.to(device)
-    for parameter in module.parameters():
-        if parameter.is_floating_point() and parameter.dtype != dtype:
-            parameter.data = parameter.data.to(dtype)
+def place_layer(
+    adapter: ModelAdapter, index: int, device: torch.device | str | None, dtype: torch.dtype
+) -> nn.Module:
+    """Decoder layer `index` on `device` with its floating-point parameters in `dtype`, buffers
+    and the model's keep-in-fp32 modules as the model keeps them (`precision.place`)."""
+    return place(
+        adapter.layers[index],
+        device,
+        dtype,
+        fp32_modules(adapter.model, dtype),
+        prefix=f"{adapter.layers_path}.{index}",
+    )
 
 
 def _detach_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

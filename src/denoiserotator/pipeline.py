@@ -18,7 +18,8 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,17 @@ from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
 from .checks import check_grams, check_layer_input, check_layer_output, check_layer_weights, preflight
-from .engine import capture_layer_inputs, run_layer
+from .engine import capture_layer_inputs, place_layer, run_layer
 from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
 from .pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
-from .rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
+from .rotation.fuse import (
+    RotatedLayer,
+    fold_layer_norms,
+    fuse_layer_rotation,
+    merge_boundary_rotations,
+    rotate,
+)
 from .rotation.train import LayerProblem, train_rotation
 from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings, SettingsError
 
@@ -189,10 +196,14 @@ def prune_groups(
     linears = view.linears()
     damping: dict[str, float | None] = {}
     for group in adapter.input_groups.values():
+        # The linears of a group share their input, hence their Gram matrix: collect it once
+        # (one (in, in) accumulator instead of three for q, k, v).
         grams = (
             {}
             if settings.pruner == "magnitude"
-            else input_statistics(view.layer, linears, group, hidden, kwargs)
+            else dict.fromkeys(
+                group, input_statistics(view.layer, linears, group[:1], hidden, kwargs)[group[0]]
+            )
         )
         check_grams(grams, index, view.linear_paths, f"pruning with {settings.pruner}", hidden[0].dtype)
         for name in group:
@@ -207,6 +218,7 @@ def prune_groups(
             )
             linear.weight.data = pruned.weight.to(linear.weight.dtype)
             damping[name] = pruned.damping
+        del grams  # before the next group's statistics are collected, not after
     sparsity = {name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES}
     return {"damping": damping, "sparsity": sparsity}
 
@@ -215,8 +227,7 @@ def to_basis(hidden: list[torch.Tensor], r1: torch.Tensor | None) -> list[torch.
     """Activations in the basis of a layer rotated by R1 (h·R1); unchanged without R1."""
     if r1 is None:
         return list(hidden)
-    r1 = r1.to(hidden[0].dtype)
-    return [batch @ r1 for batch in hidden]
+    return [rotate(batch, r1) for batch in hidden]  # in fp32 for bf16 activations, as RotatedLayer
 
 
 def propagate(
@@ -306,8 +317,10 @@ def run_pipeline(
 
     input_ids: (nsamples, seqlen) calibration token ids. The model stays on the host; one layer
     at a time moves to `settings.compute`'s device in its dtype. With `checkpoint_dir`, every
-    finished layer is saved there and a rerun with the same settings and calibration resumes
-    after the last finished layer. merge_boundaries=False keeps the unmerged in-memory form
+    finished layer is saved there at the checkpoints `settings.compute` asks for
+    (`checkpoint_every_layers`, `checkpoint_every_minutes`), and a rerun with the same settings
+    and calibration resumes after the last checkpointed layer.
+    merge_boundaries=False keeps the unmerged in-memory form
     (each layer wrapped to rotate in and out by itself) instead of merged boundary matrices.
     """
     settings.validate()
@@ -319,8 +332,15 @@ def run_pipeline(
     batch_size = _divisor_at_most(input_ids.shape[0], settings.compute.prune_batch_size)
     inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
 
+    compute = settings.compute
+    # How often checkpoints are written does not change what they hold: not part of their key.
+    keyed = replace(settings, compute=replace(compute, checkpoint_every_layers=0, checkpoint_every_minutes=0))
     checkpoint = (
-        LayerCheckpoint(checkpoint_dir, checkpoint_key(settings, input_ids, model_fingerprint(model)))
+        LayerCheckpoint(
+            checkpoint_dir,
+            checkpoint_key(keyed, input_ids, model_fingerprint(model)),
+            CheckpointPolicy(compute.checkpoint_every_layers, compute.checkpoint_every_minutes),
+        )
         if checkpoint_dir
         else None
     )
@@ -329,7 +349,7 @@ def run_pipeline(
     show = progress and sys.stderr.isatty()
     for index in tqdm(range(len(stats), adapter.num_layers), desc="layers", disable=not show):
         layer_started = time.perf_counter()
-        adapter.layers[index] = adapter.layers[index].to(device=device, dtype=dtype)
+        place_layer(adapter, index, device, dtype)
         check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
         check_layer_weights(adapter.layers[index], index)
         r1, hidden, record = process_layer(
@@ -339,8 +359,8 @@ def run_pipeline(
         rotations.append(None if r1 is None else r1.to("cpu", torch.float32))
         record["seconds"] = time.perf_counter() - layer_started
         stats.append(record)
-        if checkpoint:
-            checkpoint.save(index, adapter.layers[index], rotations[-1], record, hidden)
+        if checkpoint and index < adapter.num_layers - 1:  # after the last layer the job is done
+            checkpoint.finished(index, adapter.layers[index], rotations[-1], record, hidden)
         log.info("%s", describe_layer(record, adapter.num_layers, stats, time.perf_counter() - started))
 
     model.to("cpu")
@@ -364,17 +384,50 @@ def _place_rotations(
     return merge_boundary_rotations(adapter, rotations), was_tied
 
 
-class LayerCheckpoint:
-    """Per-layer progress on disk, so a killed job (time limit, node failure) resumes where it was.
+class CheckpointPolicy:
+    """When to write a checkpoint: after a finished layer once `every_layers` layers (0: never by
+    count) or `every_minutes` minutes (0: never by time) have passed since the last one (or the
+    start). Each checkpoint rewrites all calibration activations (nsamples·seqlen·hidden values,
+    4.3 GB for 70B in bf16), so writing one after every layer would cost 80× that per run."""
 
-    After layer i: its finished weights, its rotation and statistics, and the activations that
-    feed layer i+1; `progress.json` is written last and names the settings and calibration it
-    belongs to, so a checkpoint of other settings is never resumed.
+    def __init__(
+        self, every_layers: int, every_minutes: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every_layers = every_layers
+        self.every_seconds = 60.0 * every_minutes
+        self.clock = clock
+        self.last_time = clock()
+        self.last_done = 0
+
+    def start(self, done: int) -> None:
+        """Count from `done` finished layers (those resumed) and from now."""
+        self.last_done, self.last_time = done, self.clock()
+
+    def due(self, done: int) -> bool:
+        by_count = self.every_layers > 0 and done - self.last_done >= self.every_layers
+        by_time = self.every_seconds > 0 and self.clock() - self.last_time >= self.every_seconds
+        return by_count or by_time
+
+    def saved(self, done: int) -> None:
+        self.last_done, self.last_time = done, self.clock()
+
+
+class LayerCheckpoint:
+    """Progress on disk, so a killed job (time limit, node failure) resumes where it was.
+
+    Finished layers are reported with `finished`; when `policy` says a checkpoint is due, the
+    layers finished since the last one are written (weights, rotation, statistics: one file
+    each), then the activations that feed the next layer, then `progress.json`, written last,
+    naming the settings and calibration it belongs to (so a checkpoint of other settings is
+    never resumed) and how many layers it holds. Layers finished after the last checkpoint are
+    redone on resume. Without a policy, every finished layer is a checkpoint.
     """
 
-    def __init__(self, folder: Path, key: str) -> None:
+    def __init__(self, folder: Path, key: str, policy: CheckpointPolicy | None = None) -> None:
         self.folder = Path(folder)
         self.key = key
+        self.policy = policy or CheckpointPolicy(every_layers=1, every_minutes=0)
+        self.pending: list[tuple[int, dict[str, Any]]] = []
 
     def done(self) -> int:
         progress = self.folder / "progress.json"
@@ -386,22 +439,35 @@ class LayerCheckpoint:
         discard_checkpoint(self.folder, record.get("key"), self.key)
         return 0
 
-    def save(
+    def finished(
         self,
         index: int,
         layer: nn.Module,
         rotation: torch.Tensor | None,
         record: dict[str, Any],
         hidden: list[torch.Tensor],
-    ) -> None:
+    ) -> bool:
+        """Layer `index` is finished (on the host); `hidden` feeds layer index+1. Writes a
+        checkpoint if one is due; returns whether it did."""
+        # A copy of the weights, not a reference: nothing later must change what gets saved.
+        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in layer.state_dict().items()}
+        self.pending.append((index, {"state": state, "rotation": rotation, "record": record}))
+        if not self.policy.due(index + 1):
+            return False
+        self.save(index, hidden)
+        return True
+
+    def save(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Write the pending layers, then `hidden` (the inputs of layer index+1), then progress."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save(
-            {"state": layer.state_dict(), "rotation": rotation, "record": record},
-            self.folder / f"layer-{index:04d}.pt",
-        )
+        for pending_index, payload in self.pending:
+            _atomic_save(payload, self.folder / f"layer-{pending_index:04d}.pt")
         _atomic_save([batch.cpu() for batch in hidden], self.folder / "hidden.pt")
         (self.folder / "progress.json.tmp").write_text(json.dumps({"key": self.key, "done": index + 1}))
         os.replace(self.folder / "progress.json.tmp", self.folder / "progress.json")
+        self.pending.clear()
+        self.policy.saved(index + 1)
+        log.info("checkpoint after layer %d in %s", index, self.folder)
 
     def load_layer(self, index: int) -> dict[str, Any]:
         return torch.load(self.folder / f"layer-{index:04d}.pt", weights_only=True)
@@ -412,14 +478,15 @@ class LayerCheckpoint:
     def resume(
         self, adapter: ModelAdapter, dtype: torch.dtype, device: torch.device
     ) -> tuple[list[torch.Tensor | None], list[dict[str, Any]], list[torch.Tensor] | None]:
-        """Restore the finished layers into `adapter`'s model: (R1 per finished layer, their
+        """Restore the checkpointed layers into `adapter`'s model: (R1 per restored layer, their
         records, the next layer's inputs); empty lists and None when there is nothing to resume."""
         done = self.done()
+        self.policy.start(done)
         rotations: list[torch.Tensor | None] = []
         stats: list[dict[str, Any]] = []
         for index in range(done):
             saved = self.load_layer(index)
-            adapter.layers[index] = adapter.layers[index].to(dtype=dtype)
+            place_layer(adapter, index, None, dtype)  # load_state_dict keeps each tensor's dtype
             adapter.layers[index].load_state_dict(saved["state"], strict=True)
             rotations.append(saved["rotation"])
             stats.append(saved["record"])

@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rotation", choices=("none", "denoise"), default="denoise")
     RotationSettings.add_arguments(parser)
     PruningSettings.add_arguments(parser)
-    ComputeSettings.add_arguments(parser, only=("device", "dtype", "prune_batch_size"))
+    ComputeSettings.add_arguments(
+        parser,
+        only=("device", "dtype", "prune_batch_size", "checkpoint_every_layers", "checkpoint_every_minutes"),
+    )
     return parser
 
 

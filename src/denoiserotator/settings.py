@@ -279,8 +279,8 @@ def _check_value(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     for element in elements:
         if not _type_ok(kind, element):
             raise SettingsError(f"{key} must be of type {kind}, got {element!r}")
-        if kind == "number" and not math.isfinite(element):
-            raise SettingsError(f"{key} must be a finite number, got {element!r}")
+        if kind == "number" and math.isnan(element):
+            raise SettingsError(f"{key} must be a number, got {element!r}")
         if meta["choices"] and element not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
             raise SettingsError(f"{key}: {element!r} is not one of {allowed}")
@@ -382,6 +382,18 @@ class ComputeSettings(StageSettings):
         "perplexity: whole (the model on the device), layerwise (one decoder layer at a time on the "
         "device, the rest on the host), auto (layerwise on CUDA, whole on CPU)",
         choices=("auto", "whole", "layerwise"),
+        identity=False,
+    )
+    checkpoint_every_layers: int = setting(
+        8,
+        "prune stage: save a resumable checkpoint after every this many finished layers (0: never by count)",
+        minimum=0,
+        identity=False,
+    )
+    checkpoint_every_minutes: float = setting(
+        30.0,
+        "prune stage: also save one once this many minutes passed since the last (0: never by time)",
+        minimum=0,
         identity=False,
     )
 

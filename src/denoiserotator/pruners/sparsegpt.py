@@ -50,12 +50,19 @@ def inverse_hessian_cholesky(
     dead = diag == 0
     diag[dead] = 1.0
     mean_diag = diag.mean()
-    eye = torch.eye(hess.shape[0], dtype=hess.dtype, device=hess.device)
+    undamped = diag.clone()
     schedule = _damping_schedule(percdamp, retries)
+    # Damping is written onto hess's diagonal in place (no identity, no H + λI copy) and each
+    # factor is dropped once the next exists: at most three fp64 (in, in) matrices live at once
+    # (6.6 GB each for a 70B down_proj with 28672 inputs), instead of five or six.
     for attempt, damping in enumerate(schedule):
-        chol, info = torch.linalg.cholesky_ex(hess + (damping * mean_diag) * eye)
+        torch.add(undamped, damping * mean_diag, out=diag)
+        chol, info = torch.linalg.cholesky_ex(hess)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
                 if attempt:
                     log.warning("SparseGPT: Cholesky failed at lower damping; used %g", damping)
