@@ -350,7 +350,7 @@ def _cache_first_grams(real):
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def grams_for(layer, linears, names, hidden, kwargs):
-        if tuple(names) not in GROUPS:  # the rotation stage
+        if len(names) != 1:  # the rotation stage (one Gram per input group at once)
             return real(layer, linears, names, hidden, kwargs)
         if id(layer) not in cache:
             cache[id(layer)] = real(layer, linears, LINEAR_NAMES, hidden, kwargs)
