@@ -29,37 +29,45 @@ INPUT_OF: dict[str, str] = {
 }
 
 
-OPTIMIZERS: tuple[str, ...] = ("cayley", "paper")
+OPTIMIZERS: tuple[str, ...] = ("cayley", "lbfgs", "paper")
 
 
 @dataclass(frozen=True)
 class RotationSettings:
-    """How R1/R2 are learned.
+    """How R1/R2 are learned. All optimisers minimise the same loss and keep the best iterate
+    seen, identity included.
 
     `optimizer`:
-      - "cayley" (default): Riemannian L-BFGS on the orthogonal group. Directions from the
-        L-BFGS two-loop recursion on the skew-symmetric (body-frame) gradients, steps along
-        the Cayley retraction Q ← Q·(I − tΩ/2)⁻¹(I + tΩ/2), Armijo backtracking; the loss is
-        the same function as the paper's, evaluated by a fused implementation (stacked
-        matmuls, per-head R2, Q-independent factors hoisted). `lr` and `clip` are unused.
-      - "paper": SPEC §4 as written: Adam (lr, clip) on the free matrices behind QR.
-    `steps` is the most updates. "cayley" stops earlier when the loss has improved by less
-    than `tol` (relative) over the last `patience` steps (tol 0: never), or when no step
-    along the steepest descent lowers it any more; "paper" always runs `steps` updates.
+      - "cayley" (default): Adam in the tangent space of the orthogonal group. The gradient
+        is taken in the body frame (Ω = skew(QᵀG), per R2 block likewise), Adam's moments
+        live there, and the step is the Cayley retraction Q ← Q·(I − Ω/2)⁻¹(I + Ω/2), so
+        iterates stay exactly orthogonal and the learning rate is a rotation angle
+        (`tangent_lr`). The loss is evaluated by `FusedLayerLoss` (same function as
+        `layer_loss`, fewer passes).
+      - "lbfgs": Riemannian L-BFGS (two-loop recursion on body-frame gradients, Cayley
+        retraction, Armijo backtracking) on the fused loss.
+      - "paper": SPEC §4 as written: Adam (`lr`, `clip`) on the free matrices behind QR,
+        the loss as written (`layer_loss`), exactly `steps` updates.
+    `steps` is the most updates. "cayley" and "lbfgs" stop earlier once the best loss has
+    improved by less than `tol` (relative) over the last `patience` steps (tol 0: never);
+    "lbfgs" also when not even a short steepest-descent step lowers the loss.
     """
 
     steps: int = 2000
-    lr: float = 0.01
-    clip: float = 1.0
+    lr: float = 0.01  # paper: Adam's learning rate on the free matrices
+    clip: float = 1.0  # paper: gradient-norm clip
     variant: LossVariant = "paper"
     percdamp: float = 0.01
     learn_head_rotations: bool = True
     optimizer: str = "cayley"
-    history: int = 20  # cayley: L-BFGS memory (pairs of steps and gradient changes)
-    first_step: float = 0.05  # cayley: Frobenius norm of the first, steepest-descent step
-    max_backtracks: int = 30  # cayley: halvings of the step before giving up on a direction
-    patience: int = 20  # steps over which the improvement is measured for early stopping
-    tol: float = 1e-5  # relative improvement over `patience` steps below which training stops; 0 = never
+    tangent_lr: float = 0.02  # cayley: Adam's step (radians per skew coordinate)
+    beta1: float = 0.8  # cayley: Adam's first-moment decay
+    beta2: float = 0.99  # cayley: Adam's second-moment decay
+    history: int = 20  # lbfgs: memory (pairs of steps and gradient changes)
+    first_step: float = 0.05  # lbfgs: Frobenius norm of a steepest-descent step
+    max_backtracks: int = 30  # lbfgs: halvings of the step before giving up on a direction
+    patience: int = 50  # cayley, lbfgs: steps over which the improvement is measured
+    tol: float = 1e-4  # cayley, lbfgs: stop when the best loss improved less (relative); 0 = never
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -312,8 +320,10 @@ def train_rotation(
     try:
         if settings.optimizer == "paper":
             result = _train_paper(problem, settings, bar, description, callback)
-        else:
+        elif settings.optimizer == "cayley":
             result = _train_cayley(problem, settings, bar, description, callback)
+        elif settings.optimizer == "lbfgs":
+            result = _train_lbfgs(problem, settings, bar, description, callback)
     finally:
         bar.close()
     result.damping = _problem_damping(problem)
@@ -407,7 +417,7 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((x * y).sum() for x, y in zip(a, b, strict=True)))
 
 
-def _train_cayley(
+def _train_lbfgs(
     problem: LayerProblem,
     settings: RotationSettings,
     bar: tqdm,
@@ -425,7 +435,7 @@ def _train_cayley(
     start = time.perf_counter()
     identity_rotation, identity_blocks = problem.identity()
     work = torch.float64
-    fused = FusedLayerLoss(problem) if settings.variant == "paper" else None
+    loss_fn = _loss_function(problem, settings)
     learn_blocks = settings.learn_head_rotations
 
     def evaluate_with_leaves(
@@ -433,7 +443,7 @@ def _train_cayley(
     ) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
         r = rotation.to(torch.float32).requires_grad_(True)
         b = blocks.to(torch.float32).requires_grad_(learn_blocks)
-        loss = fused(r, b) if fused is not None else layer_loss(problem, r, b, settings.variant)
+        loss = loss_fn(r, b)
         return float(loss.detach()), loss, [r, b] if learn_blocks else [r]
 
     def grad_of(loss: torch.Tensor, leaves: list[torch.Tensor], rotation: torch.Tensor, blocks: torch.Tensor):
@@ -533,8 +543,111 @@ def _train_cayley(
         steps=steps_run,
         seconds=time.perf_counter() - start,
         loss_trace=trace,
-        optimizer="cayley",
+        optimizer="lbfgs",
         evaluations=evaluations,
+        stop_reason=stop,
+    )
+
+
+def _loss_function(problem: LayerProblem, settings: RotationSettings):
+    """The loss the fast optimisers evaluate: fused for the paper variant (same function),
+    the straightforward bf16 one for the reference variant."""
+    if settings.variant == "paper":
+        return FusedLayerLoss(problem)
+    return lambda rotation, blocks: layer_loss(problem, rotation, blocks, settings.variant)
+
+
+def _orthonormalised(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest-by-QR orthogonal matrix (float64 QR, signs fixed), to undo float32 drift."""
+    return orthogonal_from(matrix.to(torch.float64)).to(matrix.dtype)
+
+
+def _train_cayley(
+    problem: LayerProblem,
+    settings: RotationSettings,
+    bar: tqdm,
+    description: str,
+    callback: StepCallback | None,
+) -> RotationResult:
+    """Adam in the body frame of O(d) × O(hd)^n_kv with the Cayley retraction.
+
+    One loss and gradient evaluation per step. Iterates are float32 products of Cayley
+    factors, re-orthonormalised every 50 steps (drift stays ~1e-6).
+    """
+    start = time.perf_counter()
+    rotation, blocks = problem.identity()
+    loss_fn = _loss_function(problem, settings)
+    learn_blocks = settings.learn_head_rotations
+    beta1, beta2, eps = settings.beta1, settings.beta2, 1e-8
+    first = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
+    second = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
+    best_loss, best_step, best = float("inf"), 0, (rotation, blocks)
+    best_trace: list[float] = []
+    trace: list[float] = []
+    loss_start = float("nan")
+    stop = "steps"
+    steps_run = 0
+    for step in range(settings.steps + 1):
+        r = rotation.detach().requires_grad_(True)
+        b = blocks.detach().requires_grad_(learn_blocks)
+        loss = loss_fn(r, b)
+        value = float(loss.detach())
+        trace.append(value)
+        if not math.isfinite(value):
+            log.warning("%s: non-finite loss at step %d; keeping the best iterate so far", description, step)
+            stop = "non-finite loss"
+            break
+        if step == 0:
+            loss_start = value
+        if value < best_loss:
+            best_loss, best_step, best = value, step, (rotation.clone(), blocks.clone())
+        best_trace.append(best_loss)
+        requested = callback is not None and callback(step, rotation, blocks, value)
+        if step == settings.steps:
+            break
+        if requested:
+            stop = "callback"
+            break
+        if settings.tol > 0 and step >= settings.patience:
+            if best_trace[step - settings.patience] - best_loss < settings.tol * abs(best_loss):
+                stop = "converged"
+                break
+        grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
+        if not all(torch.isfinite(g).all() for g in grads):
+            log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
+            stop = "non-finite gradient"
+            break
+        tangent = [_skew(rotation.T @ grads[0])]
+        if learn_blocks:
+            tangent.append(_skew(blocks.transpose(-1, -2) @ grads[1]))
+        t = step + 1
+        moves = []
+        for index, g in enumerate(tangent):
+            first[index].mul_(beta1).add_(g, alpha=1 - beta1)
+            second[index].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denominator = (second[index] / (1 - beta2**t)).sqrt_().add_(eps)
+            # the skew part: Adam's elementwise scaling of a skew matrix is skew already
+            moves.append(first[index] / denominator * (-settings.tangent_lr / (1 - beta1**t)))
+        rotation = rotation @ cayley(moves[0])
+        if learn_blocks:
+            blocks = blocks @ cayley(moves[1])
+        if t % 50 == 0:
+            rotation, blocks = _orthonormalised(rotation), _orthonormalised(blocks)
+        steps_run = t
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.2f}", best=f"{best_loss:.2f}")
+
+    return RotationResult(
+        rotation=best[0],
+        head_blocks=best[1],
+        loss_start=loss_start,
+        loss_best=best_loss,
+        best_step=best_step,
+        steps=steps_run,
+        seconds=time.perf_counter() - start,
+        loss_trace=trace,
+        optimizer="cayley",
+        evaluations=len(trace),
         stop_reason=stop,
     )
 
