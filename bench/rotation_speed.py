@@ -4,16 +4,28 @@ One real SmolLM2-135M decoder layer (default 10; Grams from 32 x 512 calibration
 sotu-train, collected on the layer's real inputs, i.e. after the dense layers before it),
 fp32, one process, same threads. For each score (Wanda, SparseGPT):
   (a) optimizer "paper": SPEC §4 as written (QR every step, Adam lr 0.01, clip 1.0), 400 steps;
-  (b) optimizer "cayley" (the default): Riemannian L-BFGS with the Cayley retraction on the
-      fused loss, stopped by its own rule or once it has used (a)'s wall time.
-Every accepted iterate of both is evaluated with one shared fp32 loss (`layer_loss`, paper
-variant) outside the timers. Reported: seconds per step, the curves (seconds, loss), (a)'s
-best loss after its steps, the time each first reaches it, speedup_to_equal_loss =
-time(a)/time(b), and (b)'s best loss within (a)'s wall time. `--synthetic-llama8b` replaces
+  (b) optimizer "cayley" (the default): Adam in the tangent space of the orthogonal group with
+      the Cayley retraction, on the fused loss; stopped by its own rule or once it has used
+      (a)'s wall time.
+Every iterate of both is scored with one shared fp32 loss (`layer_loss`, paper variant;
+(a)'s own loss is that function, (b)'s iterates are re-evaluated outside the timers).
+Reported: seconds per step, the curves (seconds, loss), (a)'s best loss after its steps,
+the time each first reaches it, speedup_to_equal_loss = time(a)/time(b), and (b)'s best
+loss within (a)'s wall time. `--synthetic-llama8b` replaces
 the real layer by a random LLaMA-3-8B-shaped one (meant for `--device cuda`).
 
-    PYTHONPATH=src .venv/bin/python bench/rotation_speed.py --cache /work/cache \
+    PYTHONPATH=src .venv/bin/python bench/rotation_speed.py --cache /work/cache \\
         --out bench/results/rotation_speed.json
+
+bench/results/rotation_speed.json was made on a shared 2-core CPU with the two scores as two
+concurrent invocations (to fit the wall clock), merged as `--update` does:
+
+    ... rotation_speed.py --cache /work/cache --scores wanda --out bench/results/rotation_speed.json
+    ... rotation_speed.py --cache /work/cache --scores sparsegpt \\
+        --out bench/results/rotation_speed.json --update
+
+Other jobs loaded the machine (load averages are in the file), so wall times are noisy; the
+CPU-time speedups (process CPU seconds) are reported next to the wall-time ones.
 """
 
 from __future__ import annotations
