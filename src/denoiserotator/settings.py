@@ -321,13 +321,16 @@ class RotationSettings(StageSettings):
 
     section: ClassVar[str] = "rotation"
     steps: int = setting(
-        2000, "optimiser steps per layer (paper: 2000; 100-400 give most of the gain)", minimum=0
+        2000,
+        "most optimiser steps per layer (paper: 2000; 100-400 give most of the gain); cayley and "
+        "lbfgs may stop earlier (tol)",
+        minimum=0,
     )
-    lr: float = setting(0.01, "Adam learning rate", exclusive_minimum=0)
+    lr: float = setting(0.01, "paper: Adam learning rate", exclusive_minimum=0)
     betas: tuple[float, float] = setting(
-        (0.9, 0.999), "Adam's (beta1, beta2)", length=2, minimum=0, exclusive_maximum=1
+        (0.9, 0.999), "paper: Adam's (beta1, beta2)", length=2, minimum=0, exclusive_maximum=1
     )
-    clip: float = setting(1.0, "gradient-norm clip", exclusive_minimum=0)
+    clip: float = setting(1.0, "paper: gradient-norm clip", exclusive_minimum=0)
     loss_variant: str = setting(
         "paper",
         "paper: SPEC §3 in fp32; reference: the reference code (SparseGPT score with the damping "
@@ -341,6 +344,39 @@ class RotationSettings(StageSettings):
         choices=SCORE_NAMES,
     )
     learn_r2: bool = setting(True, "learn the per-head R2 rotations as well as R1")
+    optimizer: str = setting(
+        "cayley",
+        "cayley: Adam in the tangent space of the orthogonal group with the Cayley retraction, on "
+        "the same loss computed fused (fast); lbfgs: Riemannian L-BFGS with backtracking; paper: "
+        "SPEC §4 as written (Adam on the matrices behind QR, lr, betas, clip, exactly `steps`)",
+        choices=("cayley", "lbfgs", "paper"),
+    )
+    tangent_lr: float = setting(0.02, "cayley: step, in radians per skew coordinate", exclusive_minimum=0)
+    tangent_betas: tuple[float, float] = setting(
+        (0.8, 0.99),
+        "cayley: Adam's moment decays in the tangent space",
+        length=2,
+        minimum=0,
+        exclusive_maximum=1,
+    )
+    backoff: int = setting(
+        10,
+        "cayley: after this many steps without a new best, return to the best iterate and halve the "
+        "step (0: never)",
+        minimum=0,
+    )
+    history: int = setting(20, "lbfgs: pairs of steps and gradient changes kept", minimum=1)
+    first_step: float = setting(0.05, "lbfgs: Frobenius norm of a steepest-descent step", exclusive_minimum=0)
+    max_backtracks: int = setting(30, "lbfgs: halvings of a step before giving up on a direction", minimum=1)
+    patience: int = setting(
+        50, "cayley, lbfgs: steps over which the best loss's improvement is measured", minimum=1
+    )
+    tol: float = setting(
+        1e-4,
+        "cayley, lbfgs: stop when the best loss improved by less than this (relative) over `patience` "
+        "steps (0: run all `steps`)",
+        minimum=0,
+    )
 
     def score_for(self, pruner: str) -> str:
         """The score the loss uses for `pruner` ("none" = the rotation-only row)."""

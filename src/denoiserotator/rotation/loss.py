@@ -16,28 +16,23 @@ LossVariant = Literal["paper", "reference"]
 SCORES: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
 
 
-def damped(gram: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
-    """H + λI with λ = percdamp·mean(diag H), dead diagonal entries set to 1 first (as SparseGPT)."""
-    gram = gram.to(torch.float64).clone()
-    diagonal = torch.diagonal(gram)
-    diagonal[diagonal == 0] = 1.0
-    damping = float(percdamp * diagonal.mean())
-    diagonal += damping
-    return gram, damping
-
-
 @dataclass(frozen=True)
 class InputStatistic:
     """What a score needs about a linear's inputs, prepared once per layer.
 
-    `matrix` is H (Wanda) or H_λ⁻¹ (SparseGPT); None for magnitude. Under an input
-    rotation R the needed diagonal is diag(Rᵀ matrix R).
+    `matrix` is H for Wanda and, for SparseGPT, the upper Cholesky factor U of the damped
+    inverse (UᵀU = H_λ⁻¹, the pruner's own `inverse_hessian_cholesky`, with its damping
+    retries); None for magnitude. Under an input rotation R the needed diagonal is
+    diag(Rᵀ H R) = Σ_i R ⊙ (H R), or diag(Rᵀ H_λ⁻¹ R) = column norms² of U R.
+    `damping` is the relative damping that worked (as the pruner logs it), `shift` the
+    absolute λ = damping·mean(diag H) (dead inputs counted as 1).
     """
 
     score: ScoreName
     matrix: torch.Tensor | None
     damping: float = 0.0
     variant: LossVariant = "paper"
+    shift: float = 0.0
 
     @classmethod
     def from_gram(
@@ -52,28 +47,45 @@ class InputStatistic:
         if gram is None:
             raise ValueError(f"score {score!r} needs the Gram matrix of the linear's inputs")
         if score == "wanda":
+            if not torch.isfinite(gram).all():
+                raise ValueError("gram contains NaN or Inf; the calibration activations overflowed")
             return cls(score, gram.to(torch.float32), variant=variant)
         if score == "sparsegpt":
-            damped_gram, damping = damped(gram, percdamp)
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram))
-            return cls(score, inverse.to(torch.float32), damping=damping, variant=variant)
+            # Deferred import: the pruners package is heavier and does not need this module.
+            from ..pruners.sparsegpt import inverse_hessian_cholesky
+
+            upper, dead, damping = inverse_hessian_cholesky(gram, percdamp)
+            diagonal = torch.diagonal(gram).to(torch.float64).clone()
+            diagonal[dead] = 1.0
+            shift = float(damping * diagonal.mean())
+            return cls(score, upper.to(torch.float32), damping=damping, variant=variant, shift=shift)
         raise ValueError(f"unknown score {score!r}; choose from {SCORES}")
 
-    def column_factor(self, rotation: torch.Tensor | None) -> torch.Tensor | None:
-        """Per-input-column multiplier of W² (None = all ones)."""
+    def rotated_diagonal(self, rotation: torch.Tensor | None) -> torch.Tensor | None:
+        """diag(Rᵀ H R) (Wanda) or diag(Rᵀ H_λ⁻¹ R) (SparseGPT); None for magnitude."""
         if self.matrix is None:
             return None
         matrix = self.matrix.to(rotation.dtype) if rotation is not None else self.matrix
-        if rotation is None:
-            diagonal = torch.diagonal(matrix)
-        else:
-            diagonal = (rotation * (matrix @ rotation)).sum(dim=0)
+        if self.score == "wanda":
+            if rotation is None:
+                return torch.diagonal(matrix)
+            return (rotation * (matrix @ rotation)).sum(dim=0)
+        product = matrix if rotation is None else matrix @ rotation
+        return product.square().sum(dim=0)
+
+    def factor_from_diagonal(self, diagonal: torch.Tensor) -> torch.Tensor:
+        """The per-column multiplier of W² given the rotated diagonal."""
         if self.score == "wanda":
             return diagonal.clamp_min(0.0)
         if self.variant == "reference":
             # The reference code adds λ again after inverting, flattening the diagonal.
-            diagonal = diagonal + self.damping
+            diagonal = diagonal + self.shift
         return 1.0 / diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny)
+
+    def column_factor(self, rotation: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-input-column multiplier of W² (None = all ones)."""
+        diagonal = self.rotated_diagonal(rotation)
+        return None if diagonal is None else self.factor_from_diagonal(diagonal)
 
 
 def group_entropy(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -101,3 +113,57 @@ def linear_entropy(
     if columns:
         loss = loss + group_entropy(scores, dim=0)
     return loss
+
+
+class _SquaredEntropy(torch.autograd.Function):
+    """`linear_entropy` with a hand-written backward: few passes over the matrix, no graph.
+
+    With S = W²·c, T = Σ_G S and E = log T − Σ_G S log S / T for each group G, the gradient
+    is ∂E/∂S = (log T − E − log S)/T; an all-zero group has E = 0 and, as in
+    `group_entropy`, ∂E/∂S = −log(tiny).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, factor, rows, columns):  # type: ignore[override]
+        squared = weight.square()
+        scores = squared if factor is None else squared * factor
+        log_scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
+        weighted = scores * log_scores
+        loss = scores.new_zeros(())
+        coefficients = []
+        for dim, wanted in ((1, rows), (0, columns)):
+            if not wanted:
+                continue
+            totals = scores.sum(dim=dim, keepdim=True)
+            positive = totals > 0
+            safe = torch.where(positive, totals, torch.ones_like(totals))
+            log_totals = safe.log()
+            entropy = torch.where(positive, log_totals - weighted.sum(dim=dim, keepdim=True) / safe, 0.0)
+            loss = loss + entropy.sum()
+            coefficients.append((log_totals - entropy, safe.reciprocal()))
+        ctx.coefficients = coefficients
+        ctx.save_for_backward(weight, factor, log_scores)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        weight, factor, log_scores = ctx.saved_tensors
+        grad_scores = None
+        for offset, reciprocal in ctx.coefficients:
+            term = (offset - log_scores) * reciprocal
+            grad_scores = term if grad_scores is None else grad_scores.add_(term)
+        grad_scores = grad_scores.mul_(grad_output)
+        grad_weight = grad_factor = None
+        if ctx.needs_input_grad[1]:
+            grad_factor = (grad_scores * weight.square()).sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            scale = 2.0 * weight if factor is None else (2.0 * factor) * weight
+            grad_weight = grad_scores.mul_(scale)
+        return grad_weight, grad_factor, None, None
+
+
+def squared_entropy(
+    weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool
+) -> torch.Tensor:
+    """Same value and gradient as `linear_entropy`, computed in fewer passes (fused backward)."""
+    return _SquaredEntropy.apply(weight, column_factor, rows, columns)

@@ -1,0 +1,227 @@
+"""The fast rotation path: same loss as the paper recipe, the Cayley optimiser, bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denoiserotator.adapters import get_adapter
+from denoiserotator.pruners.sparsegpt import inverse_hessian_cholesky
+from denoiserotator.rotation.fuse import fold_layer_norms
+from denoiserotator.rotation.loss import InputStatistic, linear_entropy, squared_entropy
+from denoiserotator.rotation.train import (
+    FusedLayerLoss,
+    LayerProblem,
+    RotationResult,
+    RotationSettings,
+    cayley,
+    layer_loss,
+    orthogonal_from,
+    train_rotation,
+)
+from denoiserotator.testing import tiny_model
+
+
+def _problem(score: str, family: str = "qwen2", seed: int = 0) -> LayerProblem:
+    model = tiny_model(family, num_layers=1)
+    adapter = get_adapter(model)
+    view = adapter.layer(0)
+    fold_layer_norms(view)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, attn_width = adapter.hidden_size, adapter.num_heads * adapter.head_dim
+    mlp = view.linear("down").in_features
+    x = torch.randn(400, hidden, generator=generator) * torch.linspace(0.2, 2.0, hidden)
+    x_o = torch.randn(400, attn_width, generator=generator)
+    x_down = torch.randn(400, mlp, generator=generator)
+    grams = {"q": x.T @ x, "o": x_o.T @ x_o, "gate": x.T @ x, "down": x_down.T @ x_down}
+    weights = {name: linear.weight.data for name, linear in view.linears().items()}
+    return LayerProblem.from_layer(
+        weights, grams, score, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    )
+
+
+def _random_rotations(problem: LayerProblem, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = problem.weights["q"].shape[1]
+    shape = (problem.num_kv_heads, problem.head_dim, problem.head_dim)
+    rotation = orthogonal_from(torch.randn(hidden, hidden, generator=generator, dtype=torch.float64))
+    blocks = orthogonal_from(torch.randn(shape, generator=generator, dtype=torch.float64))
+    return rotation, blocks
+
+
+def _value_and_grads(fn, rotation: torch.Tensor, blocks: torch.Tensor):
+    rotation = rotation.clone().requires_grad_(True)
+    blocks = blocks.clone().requires_grad_(True)
+    loss = fn(rotation, blocks)
+    grads = torch.autograd.grad(loss, [rotation, blocks])
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+def test_fused_loss_equals_paper_loss_and_gradient(score: str, family: str) -> None:
+    """Same objective: value and gradient w.r.t. the same rotations agree to 1e-5 in fp64."""
+    problem = _problem(score, family)
+    fused = FusedLayerLoss(problem, torch.float64)
+    for seed in (0, 1):
+        rotation, blocks = _random_rotations(problem, seed)
+        paper_value, paper_grads = _value_and_grads(
+            lambda r, b: layer_loss(problem, r, b, "paper"), rotation, blocks
+        )
+        fused_value, fused_grads = _value_and_grads(fused, rotation, blocks)
+        assert fused_value == pytest.approx(paper_value, rel=1e-5)
+        for expected, actual in zip(paper_grads, fused_grads, strict=True):
+            assert float((actual - expected).norm() / expected.norm()) <= 1e-5
+    # fp32, as trained: still the same number to float precision
+    rotation, blocks = _random_rotations(problem, 2)
+    paper32 = float(layer_loss(problem, rotation.float(), blocks.float(), "paper"))
+    fused32 = float(FusedLayerLoss(problem)(rotation.float(), blocks.float()))
+    assert fused32 == pytest.approx(paper32, rel=1e-5)
+
+
+def test_squared_entropy_matches_linear_entropy_with_zeros() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    weight[2] = 0.0  # an all-zero row group
+    weight[:, 3] = 0.0  # an all-zero column group
+    weight[0, 0] = 0.0
+    factor = torch.rand(5, generator=generator, dtype=torch.float64) + 0.5
+    for rows, columns in ((True, False), (False, True), (True, True)):
+        results = []
+        for fn in (linear_entropy, squared_entropy):
+            w = weight.clone().requires_grad_(True)
+            f = factor.clone().requires_grad_(True)
+            loss = fn(w, f, rows=rows, columns=columns)
+            results.append((loss.detach(), *torch.autograd.grad(loss, [w, f])))
+        for expected, actual in zip(*results, strict=True):
+            assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cayley_is_orthogonal() -> None:
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(2, 8, 8, generator=generator, dtype=torch.float64)
+    result = cayley(matrix - matrix.transpose(-1, -2))
+    eye = torch.eye(8, dtype=torch.float64).expand(2, 8, 8)
+    assert torch.allclose(result.transpose(-1, -2) @ result, eye)
+
+
+def test_default_optimizer_is_cayley() -> None:
+    assert RotationSettings().optimizer == "cayley"
+
+
+@pytest.mark.parametrize("optimizer", ["cayley", "lbfgs"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+def test_fast_optimizers_lower_loss_keep_best_and_are_deterministic(score: str, optimizer: str) -> None:
+    problem = _problem(score)
+    settings = RotationSettings(steps=40, optimizer=optimizer)
+    result = train_rotation(problem, settings, progress=False)
+    assert result.loss_best < result.loss_start - 1e-3
+    assert result.loss_best == min(result.loss_trace)
+    assert result.loss_trace[0] == result.loss_start
+    assert (result.rotation.T @ result.rotation - torch.eye(64)).abs().max() <= 1e-5
+    blocks = result.head_blocks
+    assert (blocks.transpose(-1, -2) @ blocks - torch.eye(16)).abs().max() <= 1e-5
+    recomputed = layer_loss(problem, result.rotation, result.head_blocks, "paper")
+    assert abs(float(recomputed) - result.loss_best) <= 1e-4 * abs(result.loss_best)
+    again = train_rotation(problem, settings, progress=False)
+    assert again.loss_trace == result.loss_trace
+    assert torch.equal(again.rotation, result.rotation)
+
+
+@pytest.mark.parametrize("optimizer", ["cayley", "lbfgs"])
+def test_fast_optimizers_beat_paper_recipe_at_equal_steps(optimizer: str) -> None:
+    problem = _problem("wanda")
+    paper = train_rotation(problem, RotationSettings(steps=30, optimizer="paper"), progress=False)
+    fast = train_rotation(problem, RotationSettings(steps=30, tol=0, optimizer=optimizer), progress=False)
+    assert fast.loss_best < paper.loss_best
+
+
+def test_steps_reports_the_steps_actually_run() -> None:
+    problem = _problem("wanda")
+    # Any improvement below 100% over one step counts as converged: stops after one step.
+    for optimizer in ("cayley", "lbfgs"):
+        settings = RotationSettings(steps=50, patience=1, tol=1.0, optimizer=optimizer)
+        result = train_rotation(problem, settings, progress=False)
+        assert result.stop_reason == "converged"
+        assert result.steps == 1
+        summary = result.summary()
+        assert summary["rotation_steps"] == 1
+        assert summary["rotation_optimizer"] == optimizer
+    # A callback can stop either optimiser; the count follows.
+    for optimizer in ("cayley", "lbfgs", "paper"):
+        stopped = train_rotation(
+            problem,
+            RotationSettings(steps=50, optimizer=optimizer),
+            progress=False,
+            callback=lambda step, *_: step >= 3,
+        )
+        assert stopped.steps == 3 and stopped.stop_reason == "callback"
+        assert stopped.summary()["rotation_steps"] == 3
+        assert stopped.summary()["rotation_optimizer"] == optimizer
+    full = train_rotation(problem, RotationSettings(steps=5, optimizer="paper"), progress=False)
+    assert full.summary()["rotation_steps"] == 5 and len(full.loss_trace) == 6
+
+
+def test_unknown_optimizer_is_refused() -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        RotationSettings(optimizer="sgd")
+
+
+def test_log_line_is_readable() -> None:
+    result = RotationResult(
+        rotation=torch.eye(2),
+        head_blocks=torch.eye(2)[None],
+        loss_start=812.3,
+        loss_best=640.1,
+        best_step=130,
+        steps=137,
+        seconds=4.2,
+        optimizer="cayley",
+        stop_reason="converged",
+    )
+    line = result.log_line()
+    assert line.startswith("loss 812.3 → 640.1 (−21.2%), 137 steps (best at 130), optimizer cayley, 4.2 s")
+
+
+def _indefinite_gram(size: int = 16) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    basis = orthogonal_from(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    eigen = torch.ones(size, dtype=torch.float64)
+    eigen[0] = -0.05  # 1% damping leaves it indefinite, 10% does not
+    return basis @ torch.diag(eigen) @ basis.T
+
+
+def test_sparsegpt_statistic_survives_an_indefinite_gram_with_the_pruners_damping() -> None:
+    gram = _indefinite_gram()
+    mean = float(torch.diagonal(gram).mean())
+    with pytest.raises(torch.linalg.LinAlgError):  # what the statistic used to do
+        torch.linalg.cholesky(gram + 0.01 * mean * torch.eye(16, dtype=torch.float64))
+    statistic = InputStatistic.from_gram("sparsegpt", gram)
+    _, _, pruner_damping = inverse_hessian_cholesky(gram, 0.01)
+    assert statistic.damping == pruner_damping == pytest.approx(0.1)
+    assert statistic.shift == pytest.approx(0.1 * mean)
+    generator = torch.Generator().manual_seed(1)
+    rotation = orthogonal_from(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    inverse = torch.linalg.inv(gram + 0.1 * mean * torch.eye(16, dtype=torch.float64))
+    expected = 1.0 / torch.diagonal(rotation.T @ inverse @ rotation)
+    assert torch.allclose(statistic.column_factor(rotation.float()).double(), expected, rtol=1e-4)
+
+
+def test_rotation_damping_is_reported() -> None:
+    problem = _problem("sparsegpt")
+    hidden = problem.weights["q"].shape[1]
+    gram = _indefinite_gram(hidden) * 100
+    problem.inputs["attn"] = InputStatistic.from_gram("sparsegpt", gram)
+    result = train_rotation(problem, RotationSettings(steps=2), progress=False)
+    assert result.summary()["rotation_damping"] == pytest.approx(0.1)
+    assert "damping 0.1" in result.log_line()
+    wanda = train_rotation(_problem("wanda"), RotationSettings(steps=2), progress=False)
+    assert wanda.summary()["rotation_damping"] == 0.0
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_non_finite_gram_is_refused(score: str) -> None:
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        InputStatistic.from_gram(score, gram)
