@@ -163,7 +163,7 @@ def timed_run(problem: Any, settings: Any, time_limit: float | None = None) -> d
         now, now_cpu = time.perf_counter(), time.process_time()
         elapsed = now - clock["start"] - clock["paused"]
         elapsed_cpu = now_cpu - clock["start_cpu"] - clock["paused_cpu"]
-        if settings.optimizer == "paper" and settings.variant == "paper":
+        if settings.optimizer == "paper" and settings.loss_variant == "paper":
             shared = _value  # the paper recipe's own loss is the shared function itself
         else:
             with torch.no_grad():
