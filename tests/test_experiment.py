@@ -130,7 +130,7 @@ def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
     rotations, every finetune, none/dense = dense and rotation-only; a rotation and finetune part
     narrow it), keeps the files of the rows it selects (not part of the id), and rejects
     selectors that name no row."""
-    every = Experiment(load("demo.yaml"))
+    every = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": None}}))  # every row
     some = Experiment(load("demo.yaml", eval={"zeroshot": {"rows": ["none/dense", "wanda/2:4"]}}))
     assert every.zeroshot_id() == some.zeroshot_id()
     chosen = [(r.pruner, r.pattern, r.rotation, r.finetune) for r in some.rows()

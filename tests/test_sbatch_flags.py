@@ -26,7 +26,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 
 from denoiserotator import costs
 
@@ -138,9 +137,15 @@ def test_paper_grid_gpu_jobs_get_one_gpu_flag(env: dict[str, str], flag: str) ->
                 assert gpu_count == 0  # a gpu count as well would add --gpus
         else:
             assert gpu_flags(line) == [], f"{job['rule']}: {line}"
-    # the paper config asks compute.gpus GPUs per GPU job (no LoRA rows: no finetune job)
-    gpus = yaml.safe_load((ROOT / "config/config.yaml").read_text())["compute"]["gpus"]
-    assert counts == {rule: {gpus} for rule in GPU_RULES - {"finetune"}}
+    # each GPU job asks what costs.gpus sizes for its model (zero-shot of the 70B/72B/32B
+    # models: 2); no LoRA rows in the paper config, so no finetune job
+    exp = costs.load_experiment(
+        str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
+    )
+    expected = {
+        rule: {costs.gpus(exp, model, rule) for model in exp.models} for rule in GPU_RULES - {"finetune"}
+    }
+    assert counts == expected and expected["zeroshot"] == {1, 2}
 
 
 def test_gpu_request_refuses_an_unknown_route() -> None:
