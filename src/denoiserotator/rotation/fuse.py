@@ -23,10 +23,11 @@ def _set_weight(linear: nn.Module, new_weight: torch.Tensor) -> None:
 
 def _right_multiply(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """weight (n, d) @ rotation (d, d), in fp64 `_CHUNK` rows at a time, in weight's dtype."""
-    q = rotation.to(device=weight.device, dtype=torch.float64)
+    rotation64 = rotation.to(device=weight.device, dtype=torch.float64)
     out = torch.empty_like(weight)
     for start in range(0, weight.shape[0], _CHUNK):
-        out[start : start + _CHUNK] = (weight[start : start + _CHUNK].to(torch.float64) @ q).to(weight.dtype)
+        rows = weight[start : start + _CHUNK].to(torch.float64)
+        out[start : start + _CHUNK] = (rows @ rotation64).to(weight.dtype)
     return out
 
 

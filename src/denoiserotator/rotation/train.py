@@ -66,14 +66,16 @@ class LayerProblem:
 def layer_loss(
     problem: LayerProblem, rotation: torch.Tensor, blocks: torch.Tensor, variant: LossVariant
 ) -> torch.Tensor:
-    """Plain sum of the group entropies of the seven rotated linears (no weights, no regulariser)."""
+    """SPEC §3 layer loss: the plain sum of the group entropies of the seven linears fused with
+    R1 `rotation` (d, d) and the R2 `blocks` (n_kv, d_head, d_head); no weights, no regulariser.
+    A 0-d tensor in fp32 (fp64 when the rotation is; bf16 arithmetic for `variant="reference"`)."""
     # float32 as the paper; float64 when the rotation is (tests compare implementations there).
     if variant == "reference":
         compute_dtype = torch.bfloat16
     else:
         compute_dtype = torch.promote_types(torch.float32, rotation.dtype)
-    w = {name: weight.to(compute_dtype) for name, weight in problem.weights.items()}
-    q = rotation.to(compute_dtype)
+    weight = {name: w.to(compute_dtype) for name, w in problem.weights.items()}
+    r1 = rotation.to(compute_dtype)
     r2v = block_diag(blocks).to(compute_dtype)
     r2o = block_diag(expand_kv_blocks(blocks, problem.num_heads)).to(compute_dtype)
 
@@ -85,13 +87,15 @@ def layer_loss(
     }
     factors = {key: None if f is None else f.to(compute_dtype) for key, f in factors.items()}
 
-    loss = linear_entropy(w["q"] @ q, factors["attn"], rows=True, columns=False)
-    loss = loss + linear_entropy(w["k"] @ q, factors["attn"], rows=True, columns=False)
-    loss = loss + linear_entropy(r2v.T @ w["v"] @ q, factors["attn"], rows=True, columns=True)
-    loss = loss + linear_entropy(q.T @ w["o"] @ r2o, factors["o"], rows=True, columns=True)
-    loss = loss + linear_entropy(w["gate"] @ q, factors["mlp"], rows=True, columns=False)
-    loss = loss + linear_entropy(w["up"] @ q, factors["mlp"], rows=True, columns=False)
-    loss = loss + linear_entropy(q.T @ w["down"], factors["down"], rows=False, columns=True)
+    # SPEC §2 fusion: q, k, gate, up: W R1; v: R2vᵀ W R1; o: R1ᵀ W R2o; down: R1ᵀ W.
+    # Groups (SPEC §3): rows for an input-side rotation, columns for an output-side one.
+    loss = linear_entropy(weight["q"] @ r1, factors["attn"], rows=True, columns=False)
+    loss = loss + linear_entropy(weight["k"] @ r1, factors["attn"], rows=True, columns=False)
+    loss = loss + linear_entropy(r2v.T @ weight["v"] @ r1, factors["attn"], rows=True, columns=True)
+    loss = loss + linear_entropy(r1.T @ weight["o"] @ r2o, factors["o"], rows=True, columns=True)
+    loss = loss + linear_entropy(weight["gate"] @ r1, factors["mlp"], rows=True, columns=False)
+    loss = loss + linear_entropy(weight["up"] @ r1, factors["mlp"], rows=True, columns=False)
+    loss = loss + linear_entropy(r1.T @ weight["down"], factors["down"], rows=False, columns=True)
     return loss.to(torch.promote_types(torch.float32, compute_dtype))
 
 
