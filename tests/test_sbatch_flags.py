@@ -59,8 +59,9 @@ def planned_jobs(config: str | None, **env: str) -> list[dict[str, Any]]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DENOISEROTATOR_")}
     environ.update(SLURM_ACCOUNT="acct", SLURM_PARTITION="gpu", **env)
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
+    # --forceall: plan every job even where this checkout already has results (after make demo)
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "-n", *args],
+        [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "-n", "--forceall", *args],
         cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
