@@ -31,6 +31,7 @@ DEFAULT_MEMORY_FACTOR = 1.2
 SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers); fallback without shapes
 COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assumptions (flops.DEVICES)
 GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # the cluster's GPU model (see gpu_request below)
+DEFAULT_GPU_MODEL = "a100"
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
 
 
@@ -159,9 +160,7 @@ def prune_seconds(exp: Experiment, model: str, rotated: bool, variant: str | Non
 # route leaves the gpu count at 0. The GPU model and the route are properties of the cluster:
 # they come from the environment (profiles/slurm/profile.yaml documents them).
 
-GPU_MODEL_ENV = GPU_MODEL_VARIABLE
 GPU_FLAG_ENV = "DENOISEROTATOR_GPU_FLAG"
-DEFAULT_GPU_MODEL = "a100"
 GPU_FLAGS = ("gpus", "gres")
 
 
@@ -176,7 +175,7 @@ def gpu_request(count: int, environ: Mapping[str, str]) -> dict[str, Any]:
     flag = environ.get(GPU_FLAG_ENV, "").strip() or "gpus"
     if flag not in GPU_FLAGS:
         raise ValueError(f"{GPU_FLAG_ENV} must be one of {GPU_FLAGS}, not {flag!r}")
-    model = environ.get(GPU_MODEL_ENV, DEFAULT_GPU_MODEL).strip()
+    model = environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL).strip()
     if count <= 0:
         return {"gpu": 0, "gpu_model": "", "gres": ""}
     if flag == "gres":

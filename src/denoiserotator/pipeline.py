@@ -143,6 +143,21 @@ def input_statistics(
     return {name: acc.gram for name, acc in accumulators.items()}
 
 
+def checked_statistics(
+    view: LayerAdapter,
+    index: int,
+    names: tuple[str, ...],
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    purpose: str,
+) -> dict[str, torch.Tensor]:
+    """`input_statistics` of layer `index`'s linears `names`, refused with NonFiniteError (naming
+    the layer, the linear and `purpose`) when a Gram holds inf/NaN, before anything uses it."""
+    grams = input_statistics(view.layer, view.linears(), names, hidden, kwargs)
+    check_grams(grams, index, view.linear_paths, purpose, hidden[0].dtype)
+    return grams
+
+
 def learn_rotations(
     view: LayerAdapter,
     index: int,
@@ -161,9 +176,8 @@ def learn_rotations(
     first_of_group = tuple(group[0] for group in adapter.input_groups.values())
     grams = (
         {} if settings.loss_score == "magnitude"
-        else input_statistics(view.layer, linears, first_of_group, hidden, kwargs)
+        else checked_statistics(view, index, first_of_group, hidden, kwargs, "the rotation loss")
     )  # fmt: skip
-    check_grams(grams, index, view.linear_paths, "the rotation loss", hidden[0].dtype)
     problem = LayerProblem.from_layer(
         {name: linear.weight.data for name, linear in linears.items()},
         grams,
@@ -198,14 +212,11 @@ def prune_groups(
     for group in adapter.input_groups.values():
         # The linears of a group share their input, hence their Gram matrix: collect it once
         # (one (in, in) accumulator instead of three for q, k, v).
-        grams = (
-            {}
-            if settings.pruner == "magnitude"
-            else dict.fromkeys(
-                group, input_statistics(view.layer, linears, group[:1], hidden, kwargs)[group[0]]
-            )
-        )
-        check_grams(grams, index, view.linear_paths, f"pruning with {settings.pruner}", hidden[0].dtype)
+        grams: dict[str, torch.Tensor] = {}
+        if settings.pruner != "magnitude":
+            purpose = f"pruning with {settings.pruner}"
+            shared = checked_statistics(view, index, group[:1], hidden, kwargs, purpose)[group[0]]
+            grams = dict.fromkeys(group, shared)
         for name in group:
             linear = linears[name]
             pruned = prune_weight(
