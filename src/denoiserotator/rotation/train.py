@@ -277,6 +277,49 @@ def train_rotation(
     return result
 
 
+@dataclass
+class _BestIterate:
+    """The bookkeeping every optimizer shares: the loss trace, the starting loss and the best
+    iterate seen (the identity is evaluated first, so it is a candidate too)."""
+
+    best: tuple[torch.Tensor, torch.Tensor]
+    description: str
+    best_loss: float = float("inf")
+    best_step: int = 0
+    loss_start: float = float("nan")
+    trace: list[float] = field(default_factory=list)
+
+    def see(self, step: int, value: float, rotation: torch.Tensor, blocks: torch.Tensor) -> bool | None:
+        """Record the loss of iterate `step`: True if it is a new best (kept as a copy), False if
+        not, None if it is not finite (logged; the caller stops)."""
+        self.trace.append(value)
+        if not math.isfinite(value):
+            log.warning("%s: non-finite loss at step %d; keeping the best so far", self.description, step)
+            return None
+        if step == 0:
+            self.loss_start = value
+        if value >= self.best_loss:
+            return False
+        self.best_loss, self.best_step = value, step
+        self.best = (rotation.detach().clone(), blocks.detach().clone())
+        return True
+
+    def result(self, optimizer: str, steps: int, started: float, stop: str) -> RotationResult:
+        return RotationResult(
+            rotation=self.best[0],
+            head_blocks=self.best[1],
+            loss_start=self.loss_start,
+            loss_best=self.best_loss,
+            best_step=self.best_step,
+            steps=steps,
+            seconds=time.perf_counter() - started,
+            loss_trace=self.trace,
+            optimizer=optimizer,
+            evaluations=len(self.trace),
+            stop_reason=stop,
+        )
+
+
 def _train_paper(
     problem: LayerProblem,
     settings: RotationSettings,
@@ -292,11 +335,7 @@ def _train_paper(
     parameters = [free_rotation] + ([free_blocks] if settings.learn_r2 else [])
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
 
-    best_loss = float("inf")
-    best = (identity_rotation, identity_blocks)
-    best_step = 0
-    loss_start = float("nan")
-    trace: list[float] = []
+    progress = _BestIterate((identity_rotation, identity_blocks), description)
     steps_run = 0
     stop = "steps"
     # steps + 1 evaluations: the loss after the last update is a candidate too.
@@ -305,16 +344,9 @@ def _train_paper(
         blocks = orthogonal_from(free_blocks)
         loss = layer_loss(problem, rotation, blocks, settings.loss_variant)  # type: ignore[arg-type]
         value = float(loss.detach())
-        trace.append(value)
-        if not math.isfinite(value):
-            log.warning("%s: non-finite loss at step %d; keeping the best iterate so far", description, step)
+        if progress.see(step, value, rotation, blocks) is None:
             stop = "non-finite loss"
             break
-        if step == 0:
-            loss_start = value
-        if value < best_loss:
-            best_loss, best_step = value, step
-            best = (rotation.detach().clone(), blocks.detach().clone())
         if step == settings.steps:
             if callback is not None:
                 callback(step, rotation.detach(), blocks.detach(), value)
@@ -332,21 +364,9 @@ def _train_paper(
         optimizer.step()
         steps_run = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.2f}", best=f"{best_loss:.2f}")
+        bar.set_postfix(loss=f"{value:.2f}", best=f"{progress.best_loss:.2f}")
 
-    return RotationResult(
-        rotation=best[0],
-        head_blocks=best[1],
-        loss_start=loss_start,
-        loss_best=best_loss,
-        best_step=best_step,
-        steps=steps_run,
-        seconds=time.perf_counter() - start,
-        loss_trace=trace,
-        optimizer="paper",
-        evaluations=len(trace),
-        stop_reason=stop,
-    )
+    return progress.result("paper", steps_run, start, stop)
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
@@ -528,13 +548,11 @@ def _train_cayley(
     beta1, beta2, eps = *settings.tangent_betas, 1e-8
     first = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
     second = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
-    best_loss, best_step, best = float("inf"), 0, (rotation, blocks)
+    progress = _BestIterate((rotation, blocks), description)
     # Back-off: after `backoff` steps without a new best, return to the best iterate with fresh
     # moments and half the step (a fixed step that overshoots otherwise keeps raising the loss).
     step_scale, since_best, moment_step = 1.0, 0, 0
     best_trace: list[float] = []
-    trace: list[float] = []
-    loss_start = float("nan")
     stop = "steps"
     steps_run = 0
     for step in range(settings.steps + 1):
@@ -542,18 +560,12 @@ def _train_cayley(
         b = blocks.detach().requires_grad_(learn_blocks)
         loss = loss_fn(r, b)
         value = float(loss.detach())
-        trace.append(value)
-        if not math.isfinite(value):
-            log.warning("%s: non-finite loss at step %d; keeping the best iterate so far", description, step)
+        improved = progress.see(step, value, rotation, blocks)
+        if improved is None:
             stop = "non-finite loss"
             break
-        if step == 0:
-            loss_start = value
-        if value < best_loss:
-            best_loss, best_step, best = value, step, (rotation.clone(), blocks.clone())
-            since_best = 0
-        else:
-            since_best += 1
+        since_best = 0 if improved else since_best + 1
+        best_loss = progress.best_loss
         best_trace.append(best_loss)
         requested = callback is not None and callback(step, rotation, blocks, value)
         if step == settings.steps:
@@ -567,7 +579,7 @@ def _train_cayley(
                 break
         if settings.backoff and since_best >= settings.backoff:
             step_scale, since_best, moment_step = step_scale / 2, 0, 0
-            rotation, blocks = best[0].clone(), best[1].clone()
+            rotation, blocks = progress.best[0].clone(), progress.best[1].clone()
             for moment in (*first, *second):
                 moment.zero_()
             r = rotation.detach().requires_grad_(True)
@@ -600,19 +612,7 @@ def _train_cayley(
         bar.update(1)
         bar.set_postfix(loss=f"{value:.2f}", best=f"{best_loss:.2f}")
 
-    return RotationResult(
-        rotation=best[0],
-        head_blocks=best[1],
-        loss_start=loss_start,
-        loss_best=best_loss,
-        best_step=best_step,
-        steps=steps_run,
-        seconds=time.perf_counter() - start,
-        loss_trace=trace,
-        optimizer="cayley",
-        evaluations=len(trace),
-        stop_reason=stop,
-    )
+    return progress.result("cayley", steps_run, start, stop)
 
 
 def _lbfgs_direction(
