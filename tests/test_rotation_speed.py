@@ -15,6 +15,7 @@ from denoiserotator.rotation.train import (
     RotationResult,
     RotationSettings,
     cayley,
+    cayley_retract,
     layer_loss,
     orthogonal_from,
     train_rotation,
@@ -103,6 +104,14 @@ def test_cayley_is_orthogonal() -> None:
     result = cayley(matrix - matrix.transpose(-1, -2))
     eye = torch.eye(8, dtype=torch.float64).expand(2, 8, 8)
     assert torch.allclose(result.transpose(-1, -2) @ result, eye)
+
+
+def test_cayley_retract_is_the_product_with_the_cayley_factor() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rotation = orthogonal_from(torch.randn(3, 8, 8, generator=generator, dtype=torch.float64))
+    matrix = torch.randn(3, 8, 8, generator=generator, dtype=torch.float64)
+    skew = matrix - matrix.transpose(-1, -2)
+    assert torch.allclose(cayley_retract(rotation, skew), rotation @ cayley(skew), atol=1e-12)
 
 
 def test_default_optimizer_is_cayley() -> None:
@@ -225,3 +234,15 @@ def test_non_finite_gram_is_refused(score: str) -> None:
     gram[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         InputStatistic.from_gram(score, gram)
+
+
+def test_a_jump_in_the_loss_backs_off_at_once() -> None:
+    """A step far too large raises the loss; `rise_limit` returns to the best iterate with half
+    the step at the next evaluation, so training still makes progress (without it, and with the
+    slow back-off disabled, it never does)."""
+    problem = _problem("wanda")
+    too_large = {"steps": 30, "tol": 0, "tangent_lr": 2.0, "backoff": 0}
+    recovering = train_rotation(problem, RotationSettings(**too_large, rise_limit=0.01), progress=False)
+    stuck = train_rotation(problem, RotationSettings(**too_large, rise_limit=1e9), progress=False)
+    assert stuck.loss_best == stuck.loss_start
+    assert recovering.loss_best < recovering.loss_start - 1e-3

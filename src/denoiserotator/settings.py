@@ -365,6 +365,12 @@ class RotationSettings(StageSettings):
         "step (0: never)",
         minimum=0,
     )
+    rise_limit: float = setting(
+        0.01,
+        "cayley: a step whose loss exceeds the best so far by more than this fraction backs off at "
+        "once (back to the best iterate, half the step) instead of after `backoff` steps",
+        exclusive_minimum=0,
+    )
     history: int = setting(20, "lbfgs: pairs of steps and gradient changes kept", minimum=1)
     first_step: float = setting(0.05, "lbfgs: Frobenius norm of a steepest-descent step", exclusive_minimum=0)
     max_backtracks: int = setting(30, "lbfgs: halvings of a step before giving up on a direction", minimum=1)

@@ -125,22 +125,25 @@ class _SquaredEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, factor, rows, columns):  # type: ignore[override]
-        squared = weight.square()
-        scores = squared if factor is None else squared * factor
-        log_scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
-        weighted = scores * log_scores
+        # In-place where possible: on a CPU these passes are memory-bound, not FLOP-bound.
+        scores = weight.square()
+        if factor is not None:
+            scores.mul_(factor)
+        log_scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log_()
+        weighted_scores = scores * log_scores
         loss = scores.new_zeros(())
         coefficients = []
         for dim, wanted in ((1, rows), (0, columns)):
             if not wanted:
                 continue
-            totals = scores.sum(dim=dim, keepdim=True)
+            weighted = weighted_scores.sum(dim=dim)
+            totals = scores.sum(dim=dim)
             positive = totals > 0
             safe = torch.where(positive, totals, torch.ones_like(totals))
             log_totals = safe.log()
-            entropy = torch.where(positive, log_totals - weighted.sum(dim=dim, keepdim=True) / safe, 0.0)
+            entropy = torch.where(positive, log_totals - weighted / safe, 0.0)
             loss = loss + entropy.sum()
-            coefficients.append((log_totals - entropy, safe.reciprocal()))
+            coefficients.append((dim, log_totals - entropy, safe.reciprocal()))
         ctx.coefficients = coefficients
         ctx.save_for_backward(weight, factor, log_scores)
         return loss
@@ -148,17 +151,19 @@ class _SquaredEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         weight, factor, log_scores = ctx.saved_tensors
-        grad_scores = None
-        for offset, reciprocal in ctx.coefficients:
-            term = (offset - log_scores) * reciprocal
-            grad_scores = term if grad_scores is None else grad_scores.add_(term)
-        grad_scores = grad_scores.mul_(grad_output)
+        # 2·grad_output rides on the per-group vectors, so no full-size pass multiplies by it.
+        scale = 2.0 * grad_output
+        twice_grad_scores = None
+        for dim, offset, reciprocal in ctx.coefficients:
+            term = torch.sub(offset.unsqueeze(dim), log_scores).mul_((reciprocal * scale).unsqueeze(dim))
+            twice_grad_scores = term if twice_grad_scores is None else twice_grad_scores.add_(term)
+        # ∂/∂W = 2·g·c·W and ∂/∂c_j = Σ_i g_ij W_ij², both from 2·g·W
+        twice_grad_times_weight = twice_grad_scores.mul_(weight)
         grad_weight = grad_factor = None
         if ctx.needs_input_grad[1]:
-            grad_factor = (grad_scores * weight.square()).sum(dim=0)
+            grad_factor = (twice_grad_times_weight * weight).sum(dim=0).mul_(0.5)
         if ctx.needs_input_grad[0]:
-            scale = 2.0 * weight if factor is None else (2.0 * factor) * weight
-            grad_weight = grad_scores.mul_(scale)
+            grad_weight = twice_grad_times_weight if factor is None else twice_grad_times_weight.mul_(factor)
         return grad_weight, grad_factor, None, None
 
 

@@ -117,17 +117,20 @@ class FusedLayerLoss:
         self.head_dim = problem.head_dim
         self.attn, self.mlp = problem.inputs["attn"], problem.inputs["mlp"]
         # Row blocks sharing a column factor are adjacent, so they are views of one product.
-        parts = [w["q"], w["k"], w["gate"], w["up"], w["v"]]
+        self.stacked = torch.cat([w["q"], w["k"], w["gate"], w["up"], w["v"]])
         self.sizes = [
             w["q"].shape[0] + w["k"].shape[0],
             w["gate"].shape[0] + w["up"].shape[0],
             w["v"].shape[0],
         ]
-        for statistic in (self.attn, self.mlp):
-            if statistic.matrix is not None:
-                parts.append(statistic.matrix.to(dtype))
-                self.sizes.append(statistic.matrix.shape[0])
-        self.stacked = torch.cat(parts)
+        # The attn/mlp column factors need diag(Qᵀ M Q) for a symmetric M (H for Wanda, H_λ⁻¹
+        # for SparseGPT). Its gradient 2·(M Q)·diag(g) is elementwise in the product M Q, so M Q
+        # is computed outside the graph and M never enters a backward matmul.
+        self.quadratic_keys = [
+            key for key, statistic in (("attn", self.attn), ("mlp", self.mlp)) if statistic.matrix is not None
+        ]
+        quadratics = [_symmetric_matrix(problem.inputs[key], dtype) for key in self.quadratic_keys]
+        self.quadratic = torch.cat(quadratics) if quadratics else None
         heads, hd = self.num_heads, self.head_dim
         self.o_stat = o_stat = problem.inputs["o"]
         if o_stat.matrix is None:
@@ -148,21 +151,16 @@ class FusedLayerLoss:
 
     def __call__(self, rotation: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        pieces = torch.split(self.stacked @ rotation, self.sizes)
-        z_qk, z_gate_up, z_v = pieces[:3]
-        extra = list(pieces[3:])
-        factors = []
-        for statistic in (self.attn, self.mlp):
-            if statistic.matrix is None:
-                factors.append(None)
-                continue
-            product = extra.pop(0)
-            if statistic.score == "wanda":
-                diagonal = (rotation * product).sum(dim=0)
-            else:
-                diagonal = product.square().sum(dim=0)
-            factors.append(statistic.factor_from_diagonal(diagonal))
-        f_attn, f_mlp = factors
+        z_qk, z_gate_up, z_v = _StackedProduct.apply(rotation, self.stacked, self.sizes)
+        factors: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
+        statistics = {"attn": self.attn, "mlp": self.mlp}
+        if self.quadratic is not None:
+            with torch.no_grad():
+                products = torch.split(self.quadratic @ rotation.detach(), rotation.shape[0])
+            for key, product in zip(self.quadratic_keys, products, strict=True):
+                diagonal = _QuadraticDiagonal.apply(rotation, product)
+                factors[key] = statistics[key].factor_from_diagonal(diagonal)
+        f_attn, f_mlp = factors["attn"], factors["mlp"]
 
         # v: R2vᵀ (W_v Q), one hd×hd block per KV head
         v = (blocks.transpose(-1, -2) @ z_v.view(kv, hd, -1)).reshape(kv * hd, -1)
@@ -183,6 +181,55 @@ class FusedLayerLoss:
         loss = loss + squared_entropy(o, f_o, rows=True, columns=True)
         loss = loss + squared_entropy(left[:, self.o_width :], None, rows=False, columns=True)
         return loss
+
+
+def _symmetric_matrix(statistic: InputStatistic, dtype: torch.dtype) -> torch.Tensor:
+    """M with diag(Qᵀ M Q) the statistic's rotated diagonal: H (Wanda) or UᵀU = H_λ⁻¹ (SparseGPT)."""
+    assert statistic.matrix is not None
+    if statistic.score == "wanda":
+        return statistic.matrix.to(dtype)
+    upper = statistic.matrix.to(torch.float64)
+    return (upper.T @ upper).to(dtype)
+
+
+class _StackedProduct(torch.autograd.Function):
+    """The row blocks of `stacked @ rotation` (sizes `sizes`), as views of one matmul; the
+    backward accumulates Σ_k W_kᵀ dZ_k into one buffer instead of concatenating the dZ_k."""
+
+    @staticmethod
+    def forward(ctx, rotation, stacked, sizes):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(stacked)
+        ctx.sizes = sizes
+        return tuple(torch.split(stacked @ rotation, sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        (stacked,) = ctx.saved_tensors
+        grad_rotation = None
+        for block, grad in zip(torch.split(stacked, ctx.sizes), grads, strict=True):
+            if grad is None:
+                continue
+            if grad_rotation is None:
+                grad_rotation = block.T @ grad
+            else:
+                grad_rotation.addmm_(block.T, grad)
+        return grad_rotation, None, None
+
+
+class _QuadraticDiagonal(torch.autograd.Function):
+    """diag(Qᵀ M Q) = Σ_rows Q ⊙ (M Q) from Q and the product P = M Q (M symmetric, constant);
+    the gradient w.r.t. Q is 2·P·diag(g), no matmul."""
+
+    @staticmethod
+    def forward(ctx, rotation, product):  # type: ignore[override]
+        ctx.save_for_backward(product)
+        return (rotation * product).sum(dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (product,) = ctx.saved_tensors
+        return product * (2.0 * grad_output)[None, :], None
 
 
 def orthogonal_from(free: torch.Tensor) -> torch.Tensor:
@@ -376,6 +423,13 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.linalg.inv(eye - skew / 2) - eye
 
 
+def cayley_retract(rotation: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
+    """Q·cay(Ω), the body-frame Cayley step, as one linear solve: with X(I − Ω/2) = Q,
+    Q·cay(Ω) = 2X − Q (no explicit inverse, no extra matmul; batched over leading dims)."""
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device).expand_as(skew)
+    return 2.0 * torch.linalg.solve(eye - skew / 2, rotation, left=False) - rotation
+
+
 def _skew(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix - matrix.transpose(-1, -2)) / 2
 
@@ -453,8 +507,8 @@ def _train_lbfgs(
         accepted = None
         t = 1.0
         for _ in range(settings.max_backtracks + 1):
-            trial_rotation = rotation @ cayley(t * direction[0])
-            trial_blocks = blocks @ cayley(t * direction[1]) if learn_blocks else blocks
+            trial_rotation = cayley_retract(rotation, t * direction[0])
+            trial_blocks = cayley_retract(blocks, t * direction[1]) if learn_blocks else blocks
             trial_value, trial_loss, trial_leaves = evaluate_with_leaves(trial_rotation, trial_blocks)
             evaluations += 1
             if math.isfinite(trial_value) and trial_value <= value + 1e-4 * t * slope and trial_value < value:
@@ -553,6 +607,7 @@ def _train_cayley(
     # moments and half the step (a fixed step that overshoots otherwise keeps raising the loss).
     step_scale, since_best, moment_step = 1.0, 0, 0
     best_trace: list[float] = []
+    best_tangent: list[torch.Tensor] = []
     stop = "steps"
     steps_run = 0
     for step in range(settings.steps + 1):
@@ -577,22 +632,27 @@ def _train_cayley(
             if best_trace[step - settings.patience] - best_loss < settings.tol * abs(best_loss):
                 stop = "converged"
                 break
-        if settings.backoff and since_best >= settings.backoff:
+        # A loss that jumps above the best (a step that overshot a sharp valley) backs off at
+        # once; waiting `backoff` steps would spend them climbing back down.
+        jumped = value - best_loss > settings.rise_limit * abs(best_loss)
+        if jumped or (settings.backoff and since_best >= settings.backoff):
             step_scale, since_best, moment_step = step_scale / 2, 0, 0
             rotation, blocks = progress.best[0].clone(), progress.best[1].clone()
             for moment in (*first, *second):
                 moment.zero_()
-            r = rotation.detach().requires_grad_(True)
-            b = blocks.detach().requires_grad_(learn_blocks)
-            loss = loss_fn(r, b)
-        grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
-        if not all(torch.isfinite(g).all() for g in grads):
-            log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
-            stop = "non-finite gradient"
-            break
-        tangent = [_skew(rotation.T @ grads[0])]
-        if learn_blocks:
-            tangent.append(_skew(blocks.transpose(-1, -2) @ grads[1]))
+            # The best iterate's gradient was computed when it was reached: no second evaluation.
+            tangent = best_tangent
+        else:
+            grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
+            if not all(torch.isfinite(g).all() for g in grads):
+                log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
+                stop = "non-finite gradient"
+                break
+            tangent = [_skew(rotation.T @ grads[0])]
+            if learn_blocks:
+                tangent.append(_skew(blocks.transpose(-1, -2) @ grads[1]))
+            if improved:
+                best_tangent = tangent
         t = step + 1
         moment_step += 1
         moves = []
@@ -603,9 +663,9 @@ def _train_cayley(
             # the skew part: Adam's elementwise scaling of a skew matrix is skew already
             lr = settings.tangent_lr * step_scale
             moves.append(first[index] / denominator * (-lr / (1 - beta1**moment_step)))
-        rotation = rotation @ cayley(moves[0])
+        rotation = cayley_retract(rotation, moves[0])
         if learn_blocks:
-            blocks = blocks @ cayley(moves[1])
+            blocks = cayley_retract(blocks, moves[1])
         if t % 50 == 0:
             rotation, blocks = _orthonormalised(rotation), _orthonormalised(blocks)
         steps_run = t
