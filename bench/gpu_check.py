@@ -135,14 +135,18 @@ def rotation_step(args: argparse.Namespace) -> dict[str, Any]:
                 result["modes"][mode] = skipped("TF32 is a CUDA tensor-core mode")
                 continue
             torch.set_float32_matmul_precision(matmul_precision)
-            settings = RotationSettings(steps=1, loss_variant=variant)
+            # train_rotation scopes the loss's precision itself (rotation.matmul_precision)
+            scoped = "high" if mode == "tf32" else "highest"
+            settings = RotationSettings(steps=1, loss_variant=variant, matmul_precision=scoped)
             train_rotation(problem, settings, progress=False)  # warm-up: kernels, allocator
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             started = time.perf_counter()
             trained = train_rotation(
-                problem, RotationSettings(steps=steps, loss_variant=variant), progress=False
+                problem,
+                RotationSettings(steps=steps, loss_variant=variant, matmul_precision=scoped),
+                progress=False,
             )
             synchronize(device)
             per_step = (time.perf_counter() - started) / steps
@@ -160,9 +164,38 @@ def rotation_step(args: argparse.Namespace) -> dict[str, Any]:
                 if device.startswith("cuda")
                 else None,
             }
+        result["tf32_loss_relative_error"] = _tf32_loss_error(problem, device)
     finally:
         torch.set_float32_matmul_precision(before)
     return result
+
+
+def _tf32_loss_error(problem: Any, device: str) -> dict[str, Any] | None:
+    """|loss_TF32 − loss_fp32| / loss_fp32 of the fused loss (and the same for its gradient) at a
+    random rotation: `rotation.matmul_precision: high` is the default only if this is ≤ 1e-3."""
+    if not device.startswith("cuda"):
+        return None
+    from denoiserotator.rotation.train import FusedLayerLoss, loss_matmul_precision, orthogonal_from
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = problem.weights["q"].shape[1]
+    rotation = orthogonal_from(torch.randn(hidden, hidden, generator=generator, device=device))
+    blocks = problem.identity()[1]
+    loss_fn = FusedLayerLoss(problem)
+    values = {}
+    for precision in ("highest", "high"):
+        leaf = rotation.clone().requires_grad_(True)
+        with loss_matmul_precision(precision, torch.device(device)):
+            loss = loss_fn(leaf, blocks)
+            (grad,) = torch.autograd.grad(loss, [leaf])
+        values[precision] = (float(loss.detach()), grad)
+    (exact, exact_grad), (fast, fast_grad) = values["highest"], values["high"]
+    loss_error = abs(fast - exact) / abs(exact)
+    return {
+        "loss": loss_error,
+        "gradient": float((fast_grad - exact_grad).norm() / exact_grad.norm()),
+        "within_1e-3": loss_error <= 1e-3,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,3 +307,25 @@ def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.Log
         drop = 100 * (stats["entropy_after"] - stats["entropy_before"]) / stats["entropy_before"]
         assert float(match.group(4)) == pytest.approx(drop, abs=0.06)
     assert "left" in lines[0] and "done in" in lines[-1]
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_the_rotation_loss_builds_no_down_proj_statistic(variant: str, monkeypatch) -> None:
+    """down_proj's factor cancels in its column groups: the paper variant never collects its
+    Gram (nor inverts it); the reference variant does, as the reference code applies it in bf16."""
+    from denoiserotator import pipeline
+
+    collected: list[tuple[str, ...]] = []
+    original = pipeline.checked_statistics
+
+    def spy(view, index, names, hidden, kwargs, purpose):
+        if purpose == "the rotation loss":
+            collected.append(tuple(names))
+        return original(view, index, names, hidden, kwargs, purpose)
+
+    monkeypatch.setattr(pipeline, "checked_statistics", spy)
+    model = tiny_model("llama", num_layers=2)
+    rotation = RotationSettings(steps=2, loss_variant=variant)
+    run_pipeline(model, calibration(model), PruneSettings("sparsegpt", "50%", rotation), progress=False)
+    assert len(collected) == 2
+    assert all(("down" in names) == (variant == "reference") for names in collected)

@@ -246,3 +246,18 @@ def test_a_jump_in_the_loss_backs_off_at_once() -> None:
     stuck = train_rotation(problem, RotationSettings(**too_large, rise_limit=1e9), progress=False)
     assert stuck.loss_best == stuck.loss_start
     assert recovering.loss_best < recovering.loss_start - 1e-3
+
+
+def test_tf32_is_scoped_to_the_loss_on_cuda_and_never_used_on_cpu() -> None:
+    """The loss's matmul precision is set only on a CUDA device, only inside the block, and the
+    global setting is restored even when the block raises."""
+    from denoiserotator.rotation.train import loss_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    with loss_matmul_precision("high", torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(RuntimeError):
+        with loss_matmul_precision("high", torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "high"
+            raise RuntimeError("a failing step")
+    assert torch.get_float32_matmul_precision() == before

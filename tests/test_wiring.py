@@ -426,11 +426,14 @@ def test_reference_variant_adds_damping_again_after_the_inverse() -> None:
     assert not torch.allclose(actual, 1.0 / inner, rtol=1e-2)
 
 
+_DOWN_GRAM = _gram(96, 13)
+
+
 def _layer_problem(score: str, variant: str = "paper", seed: int = 0) -> LayerProblem:
     model = tiny_model("qwen2", num_layers=1, seed=seed)
     view = get_adapter(model).layer(0)
     fold_layer_norms(view)
-    grams = {"q": _gram(64, 10), "o": _gram(64, 11), "gate": _gram(64, 12), "down": _gram(96, 13)}
+    grams = {"q": _gram(64, 10), "o": _gram(64, 11), "gate": _gram(64, 12), "down": _DOWN_GRAM}
     weights = {name: linear.weight.data for name, linear in view.linears().items()}
     return LayerProblem.from_layer(weights, grams, score, 4, 2, 16, variant=variant, percdamp=PERCDAMP)
 
@@ -446,7 +449,14 @@ def _scratch_loss(
     matrices = {
         key: stat.matrix.double().T @ stat.matrix.double() if stat.score == "sparsegpt" else stat.matrix
         for key, stat in problem.inputs.items()
+        if key != "down"
     }
+    # down_proj's factor, as SPEC §3 writes it (the package leaves it out: it cancels in column
+    # groups, and this written-out loss shows that nothing changes).
+    down = InputStatistic.from_gram(problem.inputs["down"].score, _DOWN_GRAM, percdamp=PERCDAMP)
+    damping["down"] = down.shift
+    down_matrix = down.matrix.double()
+    matrices["down"] = down_matrix.T @ down_matrix if down.score == "sparsegpt" else down_matrix
     w = {name: weight.to(dtype) for name, weight in problem.weights.items()}
     q = rotation.to(dtype)
     fused = {

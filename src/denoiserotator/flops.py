@@ -35,10 +35,10 @@ from typing import Any
 
 PRECISIONS: tuple[str, ...] = ("fp64", "fp32", "tf32", "bf16")
 
-# What rotation/train.py does today: fp32 matmuls with PyTorch's default
-# float32_matmul_precision "highest" (no TF32); the "reference" loss variant casts the fused
-# weights to bf16. Change this when train.py switches to TF32/bf16 matmuls.
-ROTATION_MATMUL_PRECISION = "fp32"
+# What rotation/train.py does: the loss's float32 matmuls at `rotation.matmul_precision`, TF32
+# ("high", the default) or fp32 ("highest") on a CUDA device, fp32 on a CPU (a CPU profile rates
+# both alike); the "reference" loss variant casts the fused weights to bf16.
+ROTATION_MATMUL_PRECISION = "tf32"
 REFERENCE_LOSS_PRECISION = "bf16"
 
 # Kernel launches per column of SparseGPT's sweep (where, sub, div, addr_, two column copies;
@@ -223,24 +223,35 @@ def rotation_step(
     return work
 
 
-def statistic_setup(shape: LayerShape, score: str) -> Work:
+def statistic_setup(shape: LayerShape, score: str, variant: str = "paper") -> Work:
     """`LayerProblem.from_layer`: for SparseGPT, Cholesky (n³/3) and cholesky_inverse (2n³/3) of the
-    damped Gram in fp64 for the four input groups (d, heads·head_dim, d, intermediate)."""
+    damped Gram in fp64 for the inputs of q, o and gate (d, heads·head_dim, d), and of down
+    (intermediate) in the reference variant only (`rotation.train.loss_statistic_inputs`)."""
     if score != "sparsegpt":
         return Work()
-    widths = (shape.hidden, shape.attn_width, shape.hidden, shape.intermediate)
+    widths = [shape.hidden, shape.attn_width, shape.hidden]
+    if variant == "reference":
+        widths.append(shape.intermediate)
     return _mm(sum(n**3 for n in widths), "fp64", counted=False)
 
 
 def rotation_training(
-    shape: LayerShape, score: str, steps: int, learn_r2: bool = True, variant: str = "paper"
+    shape: LayerShape,
+    score: str,
+    steps: int,
+    learn_r2: bool = True,
+    variant: str = "paper",
+    matmul: str = ROTATION_MATMUL_PRECISION,
 ) -> Work:
     """`train_rotation` on one layer: `steps` steps plus the final evaluation (steps + 1 losses),
-    after `statistic_setup`. variant "reference" computes the fused products in bf16."""
-    precision = REFERENCE_LOSS_PRECISION if variant == "reference" else ROTATION_MATMUL_PRECISION
-    step = rotation_step(shape, score, learn_r2, precision=precision)
-    last = rotation_step(shape, score, learn_r2, backward=False, precision=precision)
-    return statistic_setup(shape, score) + step * steps + last
+    after `statistic_setup`. variant "reference" computes the fused products in bf16; `matmul`
+    is the precision of the other float32 products ("tf32" or "fp32")."""
+    precision = REFERENCE_LOSS_PRECISION if variant == "reference" else matmul
+    step = rotation_step(shape, score, learn_r2, precision=precision, statistic_precision=matmul)
+    last = rotation_step(
+        shape, score, learn_r2, backward=False, precision=precision, statistic_precision=matmul
+    )
+    return statistic_setup(shape, score, variant) + step * steps + last
 
 
 def layer_forward(shape: LayerShape, tokens: int, seqlen: int, precision: str = "fp32") -> Work:
@@ -315,25 +326,27 @@ def prune_job(
     nm: int | None = None,
     compute: str = "fp32",
     gram: str = "fp32",
+    matmul: str = ROTATION_MATMUL_PRECISION,
 ) -> Work:
     """One rotate+prune job (`pipeline.run_pipeline`, SPEC §5) over all layers.
 
     Per layer (`process_layer`): with a rotation (`rotation_score` not None), Gram matrices of the
-    first linear of each input group (unless the score is magnitude), `rotation_training`, and the
-    fp64 fusion (the fused products once); with a pruner ("none" = rotation only), per input group a
-    Gram re-collection (unless magnitude: one layer forward with a hook on each linear of the group)
-    and the pruning of its linears; then one forward to propagate the outputs (plus the entry and
-    exit rotations h·Q, h·Qᵀ of the unmerged layer). `tokens` = nsamples × seqlen; `compute` and
-    `gram`: precisions of the layer forward and of the Gram sums.
+    inputs of q, o and gate (and down in the reference variant; none for magnitude),
+    `rotation_training`, and the fp64 fusion (the fused products once); with a pruner ("none" =
+    rotation only), per input group a Gram re-collection (unless magnitude: one layer forward
+    with a hook on each linear of the group) and the pruning of its linears; then one forward to
+    propagate the outputs (plus the entry and exit rotations h·Q, h·Qᵀ of the unmerged layer).
+    `tokens` = nsamples × seqlen; `compute` and
+    `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss.
     """
     d = shape.hidden
     per_layer = Work()
     rotated = rotation_score is not None
     if rotated:
         if rotation_score != "magnitude":
-            firsts = [group[0] for group in INPUT_GROUPS]
+            firsts = ["q", "o", "gate"] + (["down"] if variant == "reference" else [])
             per_layer = per_layer + input_statistics(shape, firsts, tokens, seqlen, compute, gram)
-        per_layer = per_layer + rotation_training(shape, rotation_score, steps, learn_r2, variant)
+        per_layer = per_layer + rotation_training(shape, rotation_score, steps, learn_r2, variant, matmul)
         fuse = rotation_step(shape, "magnitude", backward=False)  # the same products, once, in fp64
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})
     if pruner != "none":

@@ -40,7 +40,7 @@ from .rotation.fuse import (
     merge_boundary_rotations,
     rotate,
 )
-from .rotation.train import LayerProblem, train_rotation
+from .rotation.train import LayerProblem, loss_statistic_inputs, train_rotation
 from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,10 @@ def learn_rotations(
     input group (the group's inputs are shared). Raises NonFiniteError on a non-finite Gram."""
     assert settings.rotation is not None and settings.loss_score is not None
     linears = view.linears()
-    first_of_group = tuple(group[0] for group in adapter.input_groups.values())
+    needed = tuple(loss_statistic_inputs(settings.rotation.loss_variant).values())  # type: ignore[arg-type]
     grams = (
         {} if settings.loss_score == "magnitude"
-        else checked_statistics(view, index, first_of_group, hidden, kwargs, "the rotation loss")
+        else checked_statistics(view, index, needed, hidden, kwargs, "the rotation loss")
     )  # fmt: skip
     problem = LayerProblem.from_layer(
         {name: linear.weight.data for name, linear in linears.items()},

@@ -365,6 +365,13 @@ class RotationSettings(StageSettings):
         "step (0: never)",
         minimum=0,
     )
+    matmul_precision: str = setting(
+        "high",
+        "on a CUDA device: float32 matmul precision inside the loss and its gradient "
+        "(torch.set_float32_matmul_precision; high = TF32 tensor cores, within 1e-3 of fp32 per "
+        "bench/gpu_check.py; highest = fp32). Retractions and QR stay fp32; on a CPU always fp32",
+        choices=("highest", "high"),
+    )
     rise_limit: float = setting(
         0.01,
         "cayley: a step whose loss exceeds the best so far by more than this fraction backs off at "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,17 @@ from .fuse import block_diag, expand_kv_blocks
 from .loss import InputStatistic, LossVariant, ScoreName, linear_entropy, squared_entropy
 
 log = logging.getLogger(__name__)
+
+def loss_statistic_inputs(variant: LossVariant = "paper") -> dict[str, str]:
+    """The linears whose input statistics the loss needs, by the column factor they define.
+
+    down_proj is rotated on its output side only, so its groups are columns and a per-column
+    factor cancels in each column's normalisation (SPEC §3): the paper variant never builds its
+    Gram (intermediate², the layer's largest) nor, for SparseGPT, its inverse. The reference
+    variant keeps it, because the reference code applies it in bf16, where it changes the rounding.
+    """
+    needed = {"attn": "q", "o": "o", "mlp": "gate"}
+    return {**needed, "down": "down"} if variant == "reference" else needed
 
 
 @dataclass
@@ -41,12 +53,13 @@ class LayerProblem:
         variant: LossVariant = "paper",
         percdamp: float = 0.01,
     ) -> LayerProblem:
-        """`grams` holds the Gram matrix of each linear's input, keyed by linear name."""
-        representative = {"attn": "q", "o": "o", "mlp": "gate", "down": "down"}
+        """`grams` holds the Gram matrix of the inputs of the linears in
+        `loss_statistic_inputs(variant)`, keyed by linear name (others are ignored)."""
         inputs = {
             key: InputStatistic.from_gram(score, grams.get(name), variant=variant, percdamp=percdamp)
-            for key, name in representative.items()
+            for key, name in loss_statistic_inputs(variant).items()
         }
+        inputs.setdefault("down", InputStatistic(score, None, variant=variant))  # it would cancel
         return cls(
             {name: weight.detach().to(torch.float32) for name, weight in weights.items()},
             inputs,
@@ -389,7 +402,8 @@ def _train_paper(
     for step in range(settings.steps + 1):
         rotation = orthogonal_from(free_rotation)
         blocks = orthogonal_from(free_blocks)
-        loss = layer_loss(problem, rotation, blocks, settings.loss_variant)  # type: ignore[arg-type]
+        with loss_matmul_precision(settings.matmul_precision, free_rotation.device):
+            loss = layer_loss(problem, rotation, blocks, settings.loss_variant)  # type: ignore[arg-type]
         value = float(loss.detach())
         if progress.see(step, value, rotation, blocks) is None:
             stop = "non-finite loss"
@@ -402,7 +416,8 @@ def _train_paper(
             stop = "callback"
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with loss_matmul_precision(settings.matmul_precision, free_rotation.device):
+            loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
         if not torch.isfinite(norm):
             log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
@@ -457,6 +472,7 @@ def _train_lbfgs(
     identity_rotation, identity_blocks = problem.identity()
     work = torch.float64
     loss_fn = _loss_function(problem, settings)
+    device = identity_rotation.device
     learn_blocks = settings.learn_r2
 
     def evaluate_with_leaves(
@@ -464,11 +480,13 @@ def _train_lbfgs(
     ) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
         r = rotation.to(torch.float32).requires_grad_(True)
         b = blocks.to(torch.float32).requires_grad_(learn_blocks)
-        loss = loss_fn(r, b)
+        with loss_matmul_precision(settings.matmul_precision, device):
+            loss = loss_fn(r, b)
         return float(loss.detach()), loss, [r, b] if learn_blocks else [r]
 
     def grad_of(loss: torch.Tensor, leaves: list[torch.Tensor], rotation: torch.Tensor, blocks: torch.Tensor):
-        grads = torch.autograd.grad(loss, leaves)
+        with loss_matmul_precision(settings.matmul_precision, device):
+            grads = torch.autograd.grad(loss, leaves)
         if not all(torch.isfinite(g).all() for g in grads):
             return None
         g_rotation = _skew(rotation.T @ grads[0].to(work))
@@ -578,6 +596,22 @@ def _loss_function(problem: LayerProblem, settings: RotationSettings):
     return lambda rotation, blocks: layer_loss(problem, rotation, blocks, settings.loss_variant)
 
 
+@contextlib.contextmanager
+def loss_matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """float32 matmuls at `precision` (torch.set_float32_matmul_precision) inside the block on a
+    CUDA device; restored afterwards. A CPU keeps "highest": there "high" may mean bf16 passes
+    (oneDNN), and the CPU path is the reproducible fp32 reference."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _orthonormalised(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest-by-QR orthogonal matrix (float64 QR, signs fixed), to undo float32 drift."""
     return orthogonal_from(matrix.to(torch.float64)).to(matrix.dtype)
@@ -598,6 +632,7 @@ def _train_cayley(
     start = time.perf_counter()
     rotation, blocks = problem.identity()
     loss_fn = _loss_function(problem, settings)
+    device = rotation.device
     learn_blocks = settings.learn_r2
     beta1, beta2, eps = *settings.tangent_betas, 1e-8
     first = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
@@ -613,7 +648,8 @@ def _train_cayley(
     for step in range(settings.steps + 1):
         r = rotation.detach().requires_grad_(True)
         b = blocks.detach().requires_grad_(learn_blocks)
-        loss = loss_fn(r, b)
+        with loss_matmul_precision(settings.matmul_precision, device):
+            loss = loss_fn(r, b)
         value = float(loss.detach())
         improved = progress.see(step, value, rotation, blocks)
         if improved is None:
@@ -643,7 +679,8 @@ def _train_cayley(
             # The best iterate's gradient was computed when it was reached: no second evaluation.
             tangent = best_tangent
         else:
-            grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
+            with loss_matmul_precision(settings.matmul_precision, device):
+                grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
             if not all(torch.isfinite(g).all() for g in grads):
                 log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
                 stop = "non-finite gradient"
