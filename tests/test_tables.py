@@ -66,8 +66,10 @@ def _row(
             {
                 "seconds": 3.0,
                 "layers": [
-                    {"layer": 0, "entropy_before": entropy[0], "entropy_after": entropy[1]},
-                    {"layer": 1, "entropy_before": entropy[0] + 2, "entropy_after": entropy[1] + 2},
+                    {"layer": 0, "entropy_before": entropy[0], "entropy_after": entropy[1],
+                     "rotation_steps": 40, "rotation_best_step": 38, "seconds": 1.5},
+                    {"layer": 1, "entropy_before": entropy[0] + 2, "entropy_after": entropy[1] + 2,
+                     "rotation_steps": 60, "rotation_best_step": 60, "seconds": 1.25},
                 ],
             },
         )
@@ -182,6 +184,13 @@ def test_build_tables_writes_every_output(tmp_path: Path) -> None:
     assert "- calibration: source c4, nsamples 128, seqlen 2048" in text and "- rotation: steps 2000," in text
     assert text.count("| llama3-8b |") == 5
     assert to_markdown(table, manifest) == text
+    # the rotated rows' per-layer lines, as the prune job logged them, and the steps spent
+    rotated = [row for row in manifest["rows"] if row["rotation"] == "denoise" and row["files"]["stats"]]
+    assert rotated and text.count("## Rotation per layer") == 1
+    layers = json.loads(Path(rotated[0]["files"]["stats"]).read_text())["layers"]
+    assert f"layer 2/2: loss {layers[1]['entropy_before']:.4g} → " in text
+    assert "60 steps (best at 60), 1.2 s" in text
+    assert set(table.loc[table["rotation"] == "denoise", "rotation_steps_mean"].dropna()) == {50.0}
 
 
 # -- uncertainty ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .checks import check_grams, check_layer_input, check_layer_output, check_la
 from .engine import capture_layer_inputs, place_layer, run_layer
 from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
+from .logs import layer_summary
 from .pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
 from .rotation.fuse import (
     RotatedLayer,
@@ -287,16 +288,7 @@ def describe_layer(
     `done`: the records of the layers finished in this process (resumed ones excluded from the
     rate); `elapsed`: seconds since the job started, so the estimate includes capture time.
     """
-    parts = [f"layer {record['layer'] + 1}/{num_layers}:"]
-    if "entropy_before" in record:
-        start, best = record["entropy_before"], record["entropy_after"]
-        drop = 100.0 * (best - start) / start if start else 0.0
-        parts.append(f"loss {start:.4g} → {best:.4g} ({drop:+.1f}%), {record.get('rotation_steps')} steps "
-                     f"(best at {record.get('rotation_best_step')}),")  # fmt: skip
-    if "sparsity" in record:
-        values = list(record["sparsity"].values())
-        parts.append(f"sparsity {sum(values) / len(values):.3f},")
-    parts.append(f"{record['seconds']:.1f} s;")
+    parts = [layer_summary(record, num_layers) + ";"]
     timed = [r["seconds"] for r in done if "seconds" in r]
     remaining = num_layers - (record["layer"] + 1)
     left = remaining * sum(timed) / len(timed) if timed else float("nan")

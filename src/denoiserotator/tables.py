@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from .jsonio import write_json as write_json_atomic  # the name the workflow script uses
+from .logs import layer_summary
 from .uncertainty import NOISE_SIGMAS, mean_stderr, within_noise
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
         record["entropy_before"] = _layer_means(stats, "entropy_before")
         record["entropy_after"] = _layer_means(stats, "entropy_after")
         record["prune_seconds"] = stats.get("seconds") if stats else None
+        # the rotation budget actually spent: mean steps run per layer (an early stop ends sooner)
+        record["rotation_steps_mean"] = _layer_means(stats, "rotation_steps")
         paper_values = paper_row(
             paper,
             entry.get("paper_name"),
@@ -295,6 +298,7 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
     ]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row, c) for c in columns) + " |")
+    lines += _layer_lines(manifest)
     lines += ["", "## Notes", ""]
     if zs.get("tasks"):
         lines += [
@@ -313,6 +317,26 @@ def to_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
             "/ sqrt(windows) (consecutive windows of one text: an estimate of the noise)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _layer_lines(manifest: dict[str, Any]) -> list[str]:
+    """Per rotated prune job, its per-layer lines as the job logged them (`logs.layer_summary`)."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for entry in manifest["rows"]:
+        path = entry["files"].get("stats")
+        if entry["rotation"] != "denoise" or not path or path in seen:
+            continue
+        seen.add(path)  # a LoRA row shares its prune job's stats
+        layers = (_read_json(path) or {}).get("layers", [])
+        if not layers:
+            continue
+        if not lines:
+            lines += ["", "## Rotation per layer", ""]
+        lines += [f"### {entry['model']} {entry['pruner']} {entry['pattern']}", "", "```"]
+        lines += [layer_summary(layer, len(layers)) for layer in layers]
+        lines += ["```", ""]
+    return lines
 
 
 def _cell(row: pd.Series, column: str) -> str:
