@@ -157,3 +157,34 @@ def test_cli_writes_a_masked_loadable_model_and_stats(tmp_path: Path) -> None:
     metadata = read_metadata(out)
     assert metadata["pruner"] == "wanda" and metadata["finetune"]["settings"]["r"] == 8
     assert metadata["export"]["measured_sparsity"]["zeros"] == stats["sparsity_before"]["zeros"]
+
+
+def test_a_model_too_large_for_one_gpu_fails_before_loading(tmp_path: Path, monkeypatch) -> None:
+    """LoRA trains on one GPU: a model whose weights (plus the training reserve) exceed it fails in
+    one line naming the sizes, before any weight is read; one that fits goes on to load."""
+    from types import SimpleNamespace
+
+    from denoiserotator import finetune
+    from denoiserotator.settings import ComputeSettings, FinetuneDataSettings
+
+    source = tmp_path / "pruned"
+    save_model(tiny_model("llama"), tiny_tokenizer(), source)
+    weights = finetune.folder_parameter_count(source) * 4  # float32
+
+    def loading(*args, **kwargs):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(finetune, "load_model", loading)
+    reserve = finetune.TRAIN_GPU_RESERVE_GIB * 2**30
+    for total, expected in ((weights + reserve - 1, "do not fit cuda"), (weights + reserve + 1, "loaded")):
+        properties = SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _i, p=properties: p)
+        with pytest.raises((RuntimeError, AssertionError), match=expected):
+            finetune.finetune_stage(
+                source, tmp_path / "out", tmp_path / "stats.json", LoraSettings(),
+                FinetuneDataSettings(), ComputeSettings(device="cuda", dtype="float32"),
+            )  # fmt: skip
+    # LLaMA-3-70B in bf16 on an A100-80G: the paper grid's largest case
+    with pytest.raises(RuntimeError, match=r"131\.5 GiB of weights"):
+        finetune.check_fits_one_gpu(70.6e9 * 2, 80 * 2**30, "cuda:0")
+    finetune.check_fits_one_gpu(8.0e9 * 2, 80 * 2**30, "cuda:0")  # LLaMA-3-8B fits

@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from .adapters import LINEAR_NAMES, get_adapter
-from .export import load_model, measured_sparsity, read_metadata, save_model, unwrap_model
+from .export import (
+    folder_parameter_count,
+    load_model,
+    measured_sparsity,
+    read_metadata,
+    save_model,
+    unwrap_model,
+)
 from .jsonio import write_json
 from .modeling_denoiserotator import get_boundary_rotations
 from .settings import DTYPES, ComputeSettings, FinetuneDataSettings, LoraSettings
@@ -233,6 +240,25 @@ def training_ids(
     return ids, meta
 
 
+# What LoRA training needs on the GPU besides the frozen weights: adapters and their Adam state
+# (small), activations of one micro-batch with gradient checkpointing, the logits. The same
+# reserve as an evaluation GPU (costs.EVAL_GPU_RESERVE_GIB).
+TRAIN_GPU_RESERVE_GIB = 8.0
+
+
+def check_fits_one_gpu(weights_bytes: float, gpu_bytes: float, device: str) -> None:
+    """LoRA trains the whole model on one GPU (no model parallelism here): fail in one line, before
+    a 140 GB model is read, when its weights and `TRAIN_GPU_RESERVE_GIB` exceed that GPU."""
+    needed = weights_bytes + TRAIN_GPU_RESERVE_GIB * 2**30
+    if needed > gpu_bytes:
+        raise RuntimeError(
+            f"LoRA fine-tuning holds the whole model on one GPU: {weights_bytes / 2**30:.1f} GiB of "
+            f"weights + {TRAIN_GPU_RESERVE_GIB:g} GiB for training do not fit {device} "
+            f"({gpu_bytes / 2**30:.1f} GiB). Multi-GPU LoRA is not implemented; leave this model out "
+            "of finetune.rows (README, \"Running on a cluster\")"
+        )
+
+
 def finetune_stage(
     model_dir: Path,
     out: Path,
@@ -242,8 +268,14 @@ def finetune_stage(
     compute: ComputeSettings,
 ) -> dict[str, Any]:
     """LoRA-train the saved (pruned) folder `model_dir` on `data`, merge, re-apply the mask, and
-    write the folder `out` and the stats JSON `stats_path` (returned)."""
-    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=compute.resolved_device())
+    write the folder `out` and the stats JSON `stats_path` (returned). Raises RuntimeError before
+    loading anything when the model does not fit the one GPU it trains on."""
+    device = compute.resolved_device()
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        weights = folder_parameter_count(model_dir) * DTYPES[compute.dtype].itemsize
+        check_fits_one_gpu(weights, torch.cuda.get_device_properties(index).total_memory, device)
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
     ids, data_meta = training_ids(data.source, tokenizer, data.n_sequences, data.seqlen, settings.seed)
     model, stats = lora_finetune(model, ids, settings)
     stats.update(model=str(model_dir), train=data_meta, dtype=compute.dtype)
