@@ -17,14 +17,8 @@ the real layer by a random LLaMA-3-8B-shaped one (meant for `--device cuda`).
     PYTHONPATH=src .venv/bin/python bench/rotation_speed.py --cache /work/cache \\
         --out bench/results/rotation_speed.json
 
-bench/results/rotation_speed.json was made on a shared 2-core CPU with the two scores as two
-concurrent invocations (to fit the wall clock), merged as `--update` does:
-
-    ... rotation_speed.py --cache /work/cache --scores wanda --out bench/results/rotation_speed.json
-    ... rotation_speed.py --cache /work/cache --scores sparsegpt \\
-        --out bench/results/rotation_speed.json --update
-
-Other jobs loaded the machine (load averages are in the file), so wall times are noisy; the
+bench/results/rotation_speed.json is the output of the command above, both scores in one
+invocation, on the 2-core CPU machine otherwise idle (load averages are in the file). The
 CPU-time speedups (process CPU seconds) are reported next to the wall-time ones.
 """
 
