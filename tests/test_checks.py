@@ -111,7 +111,9 @@ def test_an_fp16_overflow_inside_a_layer_is_named_at_the_linears_statistics(
     with pytest.raises(NonFiniteError) as raised:
         pipeline.run_pipeline(model, _ids(), settings, progress=False)
     message = str(raised.value)
-    assert "Gram matrix" in message and "layer 0 mlp.down_proj" in message
+    # down_proj's Gram is not needed by the rotation loss (its factor cancels): its inputs are
+    # checked for inf/NaN in the same pass instead
+    assert "layer 0 mlp.down_proj" in message and "overflowed" in message
     assert "bfloat16" in message
 
 

@@ -318,10 +318,10 @@ def test_the_rotation_loss_builds_no_down_proj_statistic(variant: str, monkeypat
     collected: list[tuple[str, ...]] = []
     original = pipeline.checked_statistics
 
-    def spy(view, index, names, hidden, kwargs, purpose):
+    def spy(view, index, names, hidden, kwargs, purpose, **extra):
         if purpose == "the rotation loss":
             collected.append(tuple(names))
-        return original(view, index, names, hidden, kwargs, purpose)
+        return original(view, index, names, hidden, kwargs, purpose, **extra)
 
     monkeypatch.setattr(pipeline, "checked_statistics", spy)
     model = tiny_model("llama", num_layers=2)

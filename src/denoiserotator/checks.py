@@ -246,6 +246,26 @@ def check_grams(
         )
 
 
+def check_linear_inputs(
+    names: Sequence[str],
+    index: int,
+    paths: Mapping[str, str] | None = None,
+    purpose: str = "",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Raise NonFiniteError naming the first of `names`, linears of layer `index` whose inputs
+    held inf/NaN although the layer's input was finite (seen while collecting `purpose`)."""
+    if not names:
+        return
+    path = (paths or {}).get(names[0], names[0])
+    raise NonFiniteError(
+        f"non-finite inputs of layer {index} {path}"
+        + (f", seen while collecting statistics for {purpose}" if purpose else "")
+        + f": the inputs of this linear overflowed inside layer {index} although the layer's input "
+        f"was finite; the run stopped before any work on this layer. What to do: {_advice(dtype)}"
+    )
+
+
 def check_layer_output(hidden: Sequence[torch.Tensor], index: int, dtype: torch.dtype | None = None) -> None:
     """Raise NonFiniteError if decoder layer `index` produced inf/NaN from finite inputs."""
     if all(bool(torch.isfinite(batch).all()) for batch in hidden):

@@ -28,7 +28,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
-from .checks import check_grams, check_layer_input, check_layer_output, check_layer_weights, preflight
+from .checks import (
+    check_grams,
+    check_layer_input,
+    check_layer_output,
+    check_layer_weights,
+    check_linear_inputs,
+    preflight,
+)
 from .engine import capture_layer_inputs, place_layer, run_layer
 from .fingerprint import checkpoint_key, discard_checkpoint, model_fingerprint
 from .gram import collect_grams
@@ -151,11 +158,31 @@ def checked_statistics(
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
     purpose: str,
+    watch: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """`input_statistics` of layer `index`'s linears `names`, refused with NonFiniteError (naming
-    the layer, the linear and `purpose`) when a Gram holds inf/NaN, before anything uses it."""
-    grams = input_statistics(view.layer, view.linears(), names, hidden, kwargs)
+    the layer, the linear and `purpose`) when a Gram holds inf/NaN, before anything uses it.
+    The inputs of the linears `watch` are only checked for inf/NaN in the same pass (no Gram), so
+    an overflow there is named before any work too."""
+    linears = view.linears()
+    overflowed: list[str] = []
+
+    def finite_check(name: str):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if name not in overflowed and not bool(torch.isfinite(args[0]).all()):
+                overflowed.append(name)
+
+        return hook
+
+    handles = [linears[name].register_forward_pre_hook(finite_check(name)) for name in watch]
+    try:
+        grams = input_statistics(view.layer, linears, names, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
     check_grams(grams, index, view.linear_paths, purpose, hidden[0].dtype)
+    if overflowed:
+        check_linear_inputs(overflowed, index, view.linear_paths, purpose, hidden[0].dtype)
     return grams
 
 
@@ -177,7 +204,8 @@ def learn_rotations(
     needed = tuple(loss_statistic_inputs(settings.rotation.loss_variant).values())  # type: ignore[arg-type]
     grams = (
         {} if settings.loss_score == "magnitude"
-        else checked_statistics(view, index, needed, hidden, kwargs, "the rotation loss")
+        else checked_statistics(view, index, needed, hidden, kwargs, "the rotation loss",
+                                watch=tuple(name for name in linears if name not in needed))
     )  # fmt: skip
     problem = LayerProblem.from_layer(
         {name: linear.weight.data for name, linear in linears.items()},
