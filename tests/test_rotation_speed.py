@@ -261,3 +261,34 @@ def test_tf32_is_scoped_to_the_loss_on_cuda_and_never_used_on_cpu() -> None:
             assert torch.get_float32_matmul_precision() == "high"
             raise RuntimeError("a failing step")
     assert torch.get_float32_matmul_precision() == before
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to nearest at TF32's 10 explicit mantissa bits (what tensor cores read)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).to(x.dtype)
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_tf32_operands_keep_the_loss_within_1e_3(score: str) -> None:
+    """The CPU stand-in for the GPU claim behind `rotation.matmul_precision: high`: with every
+    matmul operand (weights, statistics, rotations) rounded to TF32, the loss moves by less than
+    1e-4 relative, a tenth of the 1e-3 allowed (bench/gpu_check.py measures the real kernels)."""
+    from dataclasses import replace
+
+    problem = _problem(score)
+    rounded = replace(
+        problem,
+        weights={name: _tf32(w) for name, w in problem.weights.items()},
+        inputs={
+            key: replace(stat, matrix=None if stat.matrix is None else _tf32(stat.matrix))
+            for key, stat in problem.inputs.items()
+        },
+    )
+    for seed in (0, 1):
+        rotation, blocks = _random_rotations(problem, seed)
+        exact = float(FusedLayerLoss(problem, torch.float64)(rotation, blocks))
+        tf32_rotations = _tf32(rotation).double(), _tf32(blocks).double()
+        approximate = float(FusedLayerLoss(rounded, torch.float64)(*tf32_rotations))
+        assert abs(approximate - exact) <= 1e-4 * abs(exact)
+        assert approximate != exact  # the rounding is real
