@@ -175,7 +175,7 @@ def test_a_model_too_large_for_one_gpu_fails_before_loading(tmp_path: Path, monk
         raise AssertionError("loaded")
 
     monkeypatch.setattr(finetune, "load_model", loading)
-    reserve = finetune.TRAIN_GPU_RESERVE_GIB * 2**30
+    reserve = finetune.costs.EVAL_GPU_RESERVE_GIB * 2**30
     for total, expected in ((weights + reserve - 1, "do not fit cuda"), (weights + reserve + 1, "loaded")):
         properties = SimpleNamespace(total_memory=total)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _i, p=properties: p)

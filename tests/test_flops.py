@@ -160,3 +160,10 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path: Path) -> None:
     assert parts["rotation_step"]["modes"]["tf32"]["reason"]
     assert parts["smollm2"]["runs"]["cpu_fp32"]["ppl"] > 1
     assert parts["sparse24"]["sparse24"]["reason"]
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_the_loss_statistics_counted_are_the_ones_the_loss_builds(variant: str) -> None:
+    from denoiserotator.rotation.train import loss_statistic_inputs
+
+    assert flops.loss_statistic_linears(variant) == list(loss_statistic_inputs(variant).values())

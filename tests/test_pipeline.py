@@ -117,6 +117,15 @@ def test_bad_settings_fail_clearly() -> None:
         RotationSettings(betas=(0.9, 1.0))
 
 
+def _assert_same_run(reference, resumed) -> None:
+    """A resumed run equals the uninterrupted one: the same computation, so bit for bit."""
+    for expected, actual in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(expected, actual)
+    assert [s["entropy_after"] for s in resumed.layer_stats] == [
+        s["entropy_after"] for s in reference.layer_stats
+    ]
+
+
 def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -> None:
     settings = PruneSettings(
         pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
@@ -148,11 +157,7 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
     resumed = run_pipeline(
         tiny_model("mistral", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
     )
-    for expected, actual in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(expected, actual)
-    assert [s["entropy_after"] for s in resumed.layer_stats] == [
-        s["entropy_after"] for s in reference.layer_stats
-    ]
+    _assert_same_run(reference, resumed)
     # Other settings never pick up this checkpoint.
     other = PruneSettings(
         pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
@@ -208,11 +213,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
     resumed = run_pipeline(
         tiny_model("llama", num_layers=4), ids, every_layer, progress=False, checkpoint_dir=tmp_path
     )
-    for expected, actual in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(expected, actual)
-    assert [s["entropy_after"] for s in resumed.layer_stats] == [
-        s["entropy_after"] for s in reference.layer_stats
-    ]
+    _assert_same_run(reference, resumed)
     # Layers 2 (resumed run, every layer) written; layer 3 is the last: the job is done, no write.
     assert len(hidden_writes) == 2
 

@@ -69,7 +69,7 @@ def _row(
                     {"layer": 0, "entropy_before": entropy[0], "entropy_after": entropy[1],
                      "rotation_steps": 40, "rotation_best_step": 38, "seconds": 1.5},
                     {"layer": 1, "entropy_before": entropy[0] + 2, "entropy_after": entropy[1] + 2,
-                     "rotation_steps": 60, "rotation_best_step": 60, "seconds": 1.25},
+                     "rotation_steps": 60, "rotation_best_step": 60, "seconds": 1.3},
                 ],
             },
         )
@@ -189,7 +189,7 @@ def test_build_tables_writes_every_output(tmp_path: Path) -> None:
     assert rotated and text.count("## Rotation per layer") == 1
     layers = json.loads(Path(rotated[0]["files"]["stats"]).read_text())["layers"]
     assert f"layer 2/2: loss {layers[1]['entropy_before']:.4g} → " in text
-    assert "60 steps (best at 60), 1.2 s" in text
+    assert "60 steps (best at 60), 1.3 s" in text
     assert set(table.loc[table["rotation"] == "denoise", "rotation_steps_mean"].dropna()) == {50.0}
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from . import costs
 from .adapters import LINEAR_NAMES, get_adapter
 from .export import (
     folder_parameter_count,
@@ -240,20 +241,16 @@ def training_ids(
     return ids, meta
 
 
-# What LoRA training needs on the GPU besides the frozen weights: adapters and their Adam state
-# (small), activations of one micro-batch with gradient checkpointing, the logits. The same
-# reserve as an evaluation GPU (costs.EVAL_GPU_RESERVE_GIB).
-TRAIN_GPU_RESERVE_GIB = 8.0
-
-
 def check_fits_one_gpu(weights_bytes: float, gpu_bytes: float, device: str) -> None:
     """LoRA trains the whole model on one GPU (no model parallelism here): fail in one line, before
-    a 140 GB model is read, when its weights and `TRAIN_GPU_RESERVE_GIB` exceed that GPU."""
-    needed = weights_bytes + TRAIN_GPU_RESERVE_GIB * 2**30
+    a 140 GB model is read, when its weights and the reserve the GPU requests are sized with
+    (`costs.EVAL_GPU_RESERVE_GIB`: adapters, Adam state, one micro-batch's activations) exceed it."""
+    reserve = costs.EVAL_GPU_RESERVE_GIB
+    needed = weights_bytes + reserve * 2**30
     if needed > gpu_bytes:
         raise RuntimeError(
             f"LoRA fine-tuning holds the whole model on one GPU: {weights_bytes / 2**30:.1f} GiB of "
-            f"weights + {TRAIN_GPU_RESERVE_GIB:g} GiB for training do not fit {device} "
+            f"weights + {reserve:g} GiB for training do not fit {device} "
             f"({gpu_bytes / 2**30:.1f} GiB). Multi-GPU LoRA is not implemented; leave this model out "
             "of finetune.rows (README, \"Running on a cluster\")"
         )

@@ -223,16 +223,20 @@ def rotation_step(
     return work
 
 
+def loss_statistic_linears(variant: str = "paper") -> list[str]:
+    """The linears whose input Grams the rotation loss needs: `rotation.train.loss_statistic_inputs`
+    (q, o, gate; and down in the reference variant), mirrored here to keep this module torch-free
+    (`tests/test_flops.py` checks they agree)."""
+    return ["q", "o", "gate"] + (["down"] if variant == "reference" else [])
+
+
 def statistic_setup(shape: LayerShape, score: str, variant: str = "paper") -> Work:
     """`LayerProblem.from_layer`: for SparseGPT, Cholesky (n³/3) and cholesky_inverse (2n³/3) of the
-    damped Gram in fp64 for the inputs of q, o and gate (d, heads·head_dim, d), and of down
-    (intermediate) in the reference variant only (`rotation.train.loss_statistic_inputs`)."""
+    damped Gram in fp64 for the inputs of `loss_statistic_linears(variant)`."""
     if score != "sparsegpt":
         return Work()
-    widths = [shape.hidden, shape.attn_width, shape.hidden]
-    if variant == "reference":
-        widths.append(shape.intermediate)
-    return _mm(sum(n**3 for n in widths), "fp64", counted=False)
+    linears = shape.linears()
+    return _mm(sum(linears[name][1] ** 3 for name in loss_statistic_linears(variant)), "fp64", counted=False)
 
 
 def rotation_training(
@@ -344,8 +348,8 @@ def prune_job(
     rotated = rotation_score is not None
     if rotated:
         if rotation_score != "magnitude":
-            firsts = ["q", "o", "gate"] + (["down"] if variant == "reference" else [])
-            per_layer = per_layer + input_statistics(shape, firsts, tokens, seqlen, compute, gram)
+            needed = loss_statistic_linears(variant)
+            per_layer = per_layer + input_statistics(shape, needed, tokens, seqlen, compute, gram)
         per_layer = per_layer + rotation_training(shape, rotation_score, steps, learn_r2, variant, matmul)
         fuse = rotation_step(shape, "magnitude", backward=False)  # the same products, once, in fp64
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})

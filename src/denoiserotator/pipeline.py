@@ -181,8 +181,7 @@ def checked_statistics(
         for handle in handles:
             handle.remove()
     check_grams(grams, index, view.linear_paths, purpose, hidden[0].dtype)
-    if overflowed:
-        check_linear_inputs(overflowed, index, view.linear_paths, purpose, hidden[0].dtype)
+    check_linear_inputs(overflowed, index, view.linear_paths, purpose, hidden[0].dtype)
     return grams
 
 

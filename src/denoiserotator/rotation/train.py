@@ -19,6 +19,7 @@ from .loss import InputStatistic, LossVariant, ScoreName, linear_entropy, square
 
 log = logging.getLogger(__name__)
 
+
 def loss_statistic_inputs(variant: LossVariant = "paper") -> dict[str, str]:
     """The linears whose input statistics the loss needs, by the column factor they define.
 
@@ -115,12 +116,13 @@ def layer_loss(
 class FusedLayerLoss:
     """The same function as `layer_loss` (paper variant), with the work arranged for speed.
 
-    - the five input-side weights (q, k, v, gate, up) and the matrices behind the attn/mlp
-      column factors are stacked into one matrix, so W·Q is a single matmul;
+    - the five input-side weights (q, k, v, gate, up) are stacked into one matrix, so W·Q is a
+      single matmul (`_StackedProduct`);
+    - the attn/mlp column factors diag(Qᵀ M Q) take M·Q outside the graph (`_QuadraticDiagonal`);
     - R2 acts per head (batched 64×64 products), never as a dense block-diagonal matrix;
-    - o and down share one Qᵀ· matmul; down's column factor does not depend on Q and is
-      folded into its weight once (S = (Qᵀ W diag(√c))²); the o column factor only needs
-      the per-head diagonal blocks of H_o (or of H_λ⁻¹), computed once;
+    - o and down share one Qᵀ· matmul; down's column factor is left out, as it cancels in its
+      column groups (`loss_statistic_inputs`); the o column factor only needs the per-head
+      diagonal blocks of H_o (or of H_λ⁻¹), computed once;
     - the SparseGPT inverse is factored once (`InputStatistic.from_gram`).
     """
 
@@ -128,7 +130,6 @@ class FusedLayerLoss:
         w = {name: weight.to(dtype) for name, weight in problem.weights.items()}
         self.num_heads, self.num_kv_heads = problem.num_heads, problem.num_kv_heads
         self.head_dim = problem.head_dim
-        self.attn, self.mlp = problem.inputs["attn"], problem.inputs["mlp"]
         # Row blocks sharing a column factor are adjacent, so they are views of one product.
         self.stacked = torch.cat([w["q"], w["k"], w["gate"], w["up"], w["v"]])
         self.sizes = [
@@ -139,10 +140,10 @@ class FusedLayerLoss:
         # The attn/mlp column factors need diag(Qᵀ M Q) for a symmetric M (H for Wanda, H_λ⁻¹
         # for SparseGPT). Its gradient 2·(M Q)·diag(g) is elementwise in the product M Q, so M Q
         # is computed outside the graph and M never enters a backward matmul.
-        self.quadratic_keys = [
-            key for key, statistic in (("attn", self.attn), ("mlp", self.mlp)) if statistic.matrix is not None
-        ]
-        quadratics = [_symmetric_matrix(problem.inputs[key], dtype) for key in self.quadratic_keys]
+        self.quadratic_statistics = {
+            key: problem.inputs[key] for key in ("attn", "mlp") if problem.inputs[key].matrix is not None
+        }
+        quadratics = [_symmetric_matrix(statistic, dtype) for statistic in self.quadratic_statistics.values()]
         self.quadratic = torch.cat(quadratics) if quadratics else None
         heads, hd = self.num_heads, self.head_dim
         self.o_stat = o_stat = problem.inputs["o"]
@@ -157,27 +158,23 @@ class FusedLayerLoss:
             else:  # diagonal blocks of UᵀU = H_λ⁻¹
                 columns = matrix.view(matrix.shape[0], heads, hd).transpose(0, 1)
                 self.o_blocks = columns.transpose(-1, -2) @ columns
-        down_factor = problem.inputs["down"].column_factor(None)
-        down = w["down"] if down_factor is None else w["down"] * down_factor.to(dtype).sqrt()[None, :]
         self.o_width = w["o"].shape[1]
-        self.right = torch.cat([w["o"], down], dim=1)  # Qᵀ [W_o | W_down diag(√c)]
+        self.right = torch.cat([w["o"], w["down"]], dim=1)  # Qᵀ [W_o | W_down]
 
     def __call__(self, rotation: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         z_qk, z_gate_up, z_v = _StackedProduct.apply(rotation, self.stacked, self.sizes)
         factors: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
-        statistics = {"attn": self.attn, "mlp": self.mlp}
         if self.quadratic is not None:
             with torch.no_grad():
                 products = torch.split(self.quadratic @ rotation.detach(), rotation.shape[0])
-            for key, product in zip(self.quadratic_keys, products, strict=True):
-                diagonal = _QuadraticDiagonal.apply(rotation, product)
-                factors[key] = statistics[key].factor_from_diagonal(diagonal)
+            for (key, statistic), product in zip(self.quadratic_statistics.items(), products, strict=True):
+                factors[key] = statistic.factor_from_diagonal(_QuadraticDiagonal.apply(rotation, product))
         f_attn, f_mlp = factors["attn"], factors["mlp"]
 
         # v: R2vᵀ (W_v Q), one hd×hd block per KV head
         v = (blocks.transpose(-1, -2) @ z_v.view(kv, hd, -1)).reshape(kv * hd, -1)
-        # o: (Qᵀ W_o) R2o, one block per query head (repeat_kv order); down: Qᵀ W_down diag(√c)
+        # o: (Qᵀ W_o) R2o, one block per query head (repeat_kv order); down: Qᵀ W_down
         left = rotation.T @ self.right
         hidden = left.shape[0]
         expanded = expand_kv_blocks(blocks, heads)
@@ -429,13 +426,6 @@ def _train_paper(
         bar.set_postfix(loss=f"{value:.2f}", best=f"{progress.best_loss:.2f}")
 
     return progress.result("paper", steps_run, start, stop)
-
-
-def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """(I − Ω/2)⁻¹(I + Ω/2): orthogonal for skew-symmetric Ω (batched over leading dims)."""
-    # (I − Ω/2)⁻¹(I + Ω/2) = 2(I − Ω/2)⁻¹ − I: one inverse, no solve with d right-hand sides.
-    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device).expand_as(skew)
-    return 2.0 * torch.linalg.inv(eye - skew / 2) - eye
 
 
 def cayley_retract(rotation: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
