@@ -27,9 +27,10 @@ is the model's perplexity on those windows.
 Modes: `plain` (original weights, no folding), `fold` (RMSNorm scales folded into the
 linears, identity rotation: 0 steps), `rotate:S` (fold + R1/R2 learned for S steps with the
 paper's fp32 loss), `rotate-ref:S` (the same with `loss_variant: reference`, the reference
-code's bf16 loss). Pruners: `magnitude` (one threshold per matrix, as the package and the
-reference code), `magnitude-row` (diagnostic only: one threshold per output row), `wanda`,
-`sparsegpt`.
+code's bf16 loss); either takes an optimizer as a third field (`rotate-ref:100:paper` is the
+reference code's recipe: Adam on the QR parametrisation, bf16 loss; default: the package's).
+Pruners: `magnitude` (one threshold per matrix, as the package and the reference code),
+`magnitude-row` (diagnostic only: one threshold per output row), `wanda`, `sparsegpt`.
 
 Quick study (10–30 minutes on one core, depending on the machine's load):
 
@@ -137,8 +138,11 @@ def run_mode(
     if mode == "fold":
         rotation = RotationSettings(steps=0)
     elif mode.startswith("rotate"):
-        variant = "reference" if mode.startswith("rotate-ref") else "paper"
-        rotation = RotationSettings(steps=int(mode.split(":")[1]), loss_variant=variant)
+        # rotate[-ref]:STEPS[:OPTIMIZER]; without an optimizer, the package's default
+        kind, steps, *optimizer = mode.split(":")
+        variant = "reference" if kind == "rotate-ref" else "paper"
+        extra = {"optimizer": optimizer[0]} if optimizer else {}
+        rotation = RotationSettings(steps=int(steps), loss_variant=variant, **extra)
     base_pruner = "magnitude" if pruner == "magnitude-row" else pruner
     settings = PruneSettings(pruner=base_pruner, pattern=pattern, rotation=rotation)
     layers: list[dict[str, Any]] = []
@@ -167,8 +171,10 @@ def run_mode(
             {},
         )
         for group_name, group in adapter.input_groups.items():
-            grams = input_statistics(view.layer, linears, group, inside, kwargs[index])
-            norms = torch.diagonal(grams[group[0]]).clamp_min(0).sqrt()
+            # the group's linears share their input: one Gram (the pipeline does the same)
+            shared = input_statistics(view.layer, linears, group[:1], inside, kwargs[index])[group[0]]
+            grams = dict.fromkeys(group, shared)
+            norms = torch.diagonal(shared).clamp_min(0).sqrt()
             top = int(norms.argmax())
             if group_name in ("attention_in", "mlp_in"):
                 record["act_spread"][group_name] = _spread(norms)

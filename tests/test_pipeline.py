@@ -7,7 +7,7 @@ import torch
 
 from denoiserotator.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.engine import capture_layer_inputs, run_layer
-from denoiserotator.pipeline import PruneSettings, run_pipeline
+from denoiserotator.pipeline import PruneSettings, input_statistics, run_pipeline
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import FAMILIES, tiny_model
 
@@ -141,8 +141,9 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
 
     def dying_run_layer(*args, **kwargs):
         calls["n"] += 1
-        # grams for rotation, 4 pruning groups, outputs: 6 calls per layer; die inside layer 2
-        if calls["n"] == 14:
+        # one call per layer (propagating its outputs; Gram passes stop early, without it): die
+        # in layer 2, after it was rotated and pruned
+        if calls["n"] == 3:
             raise RuntimeError("node failure")
         return real_run_layer(*args, **kwargs)
 
@@ -187,7 +188,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
 
     def dying_run_layer(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6 * 3 + 2:  # 6 calls per layer: die inside layer 3
+        if calls["n"] == 4:  # one call per layer (propagation): die inside layer 3
             raise RuntimeError("node failure")
         return real_run_layer(*args, **kwargs)
 
@@ -257,7 +258,7 @@ def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, c
 
     def dying_run_layer(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 14:  # 6 calls per layer: dies inside layer 2, after layers 0 and 1 are saved
+        if calls["n"] == 3:  # one call per layer: dies inside layer 2, after layers 0 and 1 are saved
             raise RuntimeError("node failure")
         return real_run_layer(*args, **kwargs)
 
@@ -330,3 +331,42 @@ def test_the_rotation_loss_builds_no_down_proj_statistic(variant: str, monkeypat
     run_pipeline(model, calibration(model), PruneSettings("sparsegpt", "50%", rotation), progress=False)
     assert len(collected) == 2
     assert all(("down" in names) == (variant == "reference") for names in collected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gram_collection_stops_the_forward_once_its_inputs_are_seen(family: str) -> None:
+    """input_statistics gives the Grams of a whole forward, but runs no linear after the last one
+    it (or a caller's hook, via `until`) needs."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_layer_inputs(adapter, ids, 2, torch.device("cpu"), torch.float32)
+    view = adapter.layer(0)
+    linears = view.linears()
+    ran: list[str] = []
+    full: dict[str, torch.Tensor] = {name: torch.zeros(()) for name in LINEAR_NAMES}
+
+    def record(name: str):
+        def hook(_module, args) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            full[name] = full[name] + x.T @ x
+            ran.append(name)
+
+        return hook
+
+    handles = [linears[name].register_forward_pre_hook(record(name)) for name in LINEAR_NAMES]
+    run_layer(view.layer, inputs.hidden, inputs.layer_kwargs[0])
+    whole_forward = dict(full)
+    ran.clear()
+    for names, until, last in ((("q",), (), "q"), (("o",), (), "o"), (("q", "gate"), ("down",), "down")):
+        grams = input_statistics(view.layer, linears, names, inputs.hidden, inputs.layer_kwargs[0], until)
+        for name in names:
+            torch.testing.assert_close(grams[name], whole_forward[name], rtol=1e-10, atol=1e-10)
+        # each batch reaches the last needed linear's entry (the caller's hook still sees it)...
+        assert ran.count(last) == len(inputs.hidden)
+        # ...and nothing after it runs
+        order = list(LINEAR_NAMES)
+        assert not set(ran) & set(order[order.index(last) + 1 :]), (names, ran)
+        ran.clear()
+    for handle in handles:
+        handle.remove()

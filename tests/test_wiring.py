@@ -349,9 +349,9 @@ def _cache_first_grams(real):
     """Mutant: Grams of all seven linears collected once on the rotated, unpruned layer."""
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
-    def grams_for(layer, linears, names, hidden, kwargs):
+    def grams_for(layer, linears, names, hidden, kwargs, until=()):
         if len(names) != 1:  # the rotation stage (one Gram per input group at once)
-            return real(layer, linears, names, hidden, kwargs)
+            return real(layer, linears, names, hidden, kwargs, until)
         if id(layer) not in cache:
             cache[id(layer)] = real(layer, linears, LINEAR_NAMES, hidden, kwargs)
         return {name: cache[id(layer)][name] for name in names}

@@ -258,12 +258,20 @@ def rotation_training(
     return statistic_setup(shape, score, variant) + step * steps + last
 
 
-def layer_forward(shape: LayerShape, tokens: int, seqlen: int, precision: str = "fp32") -> Work:
+# The order in which a decoder layer's forward runs its linears and attention products.
+FORWARD_ORDER: tuple[str, ...] = ("q", "k", "v", "attention", "o", "gate", "up", "down")
+
+
+def layer_forward(
+    shape: LayerShape, tokens: int, seqlen: int, precision: str = "fp32", stop: str | None = None
+) -> Work:
     """One decoder layer on `tokens` tokens in sequences of `seqlen`: the seven linears
     (2 · tokens · weights) and attention scores and values (2 · 2 · tokens · seqlen · heads·head_dim;
-    full square: eager and SDPA kernels compute the masked half too)."""
-    linears = 2 * tokens * shape.layer_params
-    attention = 4 * tokens * seqlen * shape.attn_width
+    full square: eager and SDPA kernels compute the masked half too). `stop`: the forward ends
+    at the entry of that linear, so only what `FORWARD_ORDER` puts before it runs."""
+    parts = FORWARD_ORDER if stop is None else FORWARD_ORDER[: FORWARD_ORDER.index(stop)]
+    linears = sum(2 * tokens * out * inp for name, (out, inp) in shape.linears().items() if name in parts)
+    attention = 4 * tokens * seqlen * shape.attn_width if "attention" in parts else 0
     return _mm(linears + attention, precision)
 
 
@@ -275,12 +283,21 @@ def gram_accumulation(widths: Iterable[int], tokens: int, precision: str = "fp32
 
 
 def input_statistics(
-    shape: LayerShape, names: Iterable[str], tokens: int, seqlen: int, compute: str, gram: str
+    shape: LayerShape,
+    names: Iterable[str],
+    tokens: int,
+    seqlen: int,
+    compute: str,
+    gram: str,
+    until: Iterable[str] = (),
 ) -> Work:
-    """`pipeline.input_statistics`: one layer forward with Gram hooks on `names`."""
+    """`pipeline.input_statistics`: a layer forward with Gram hooks on `names`, stopped at the
+    entry of the last of `names` and `until`."""
+    names = tuple(names)
     linears = shape.linears()
     widths = [linears[name][1] for name in names]
-    return layer_forward(shape, tokens, seqlen, compute) + gram_accumulation(widths, tokens, gram)
+    stop = max((*names, *until), key=FORWARD_ORDER.index)
+    return layer_forward(shape, tokens, seqlen, compute, stop) + gram_accumulation(widths, tokens, gram)
 
 
 def sparsegpt_linear(rows: int, cols: int, blocksize: int = 128, nm: int | None = None) -> Work:
@@ -337,27 +354,28 @@ def prune_job(
     Per layer (`process_layer`): with a rotation (`rotation_score` not None), Gram matrices of the
     inputs of q, o and gate (and down in the reference variant; none for magnitude),
     `rotation_training`, and the fp64 fusion (the fused products once); with a pruner ("none" =
-    rotation only), per input group a Gram re-collection (unless magnitude: one layer forward
-    with a hook on each linear of the group) and the pruning of its linears; then one forward to
+    rotation only), per input group a Gram re-collection (unless magnitude: a layer forward up to
+    the group, one Gram for the group's shared input) and the pruning of its linears; then one forward to
     propagate the outputs (plus the entry and exit rotations h·Q, h·Qᵀ of the unmerged layer).
     `tokens` = nsamples × seqlen; `compute` and
     `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss.
     """
     d = shape.hidden
+    linears = shape.linears()
     per_layer = Work()
     rotated = rotation_score is not None
     if rotated:
         if rotation_score != "magnitude":
             needed = loss_statistic_linears(variant)
-            per_layer = per_layer + input_statistics(shape, needed, tokens, seqlen, compute, gram)
+            watched = [name for name in linears if name not in needed]  # checked for inf/NaN
+            per_layer = per_layer + input_statistics(shape, needed, tokens, seqlen, compute, gram, watched)
         per_layer = per_layer + rotation_training(shape, rotation_score, steps, learn_r2, variant, matmul)
         fuse = rotation_step(shape, "magnitude", backward=False)  # the same products, once, in fp64
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})
     if pruner != "none":
-        linears = shape.linears()
         for group in INPUT_GROUPS:
-            if pruner != "magnitude":
-                per_layer = per_layer + input_statistics(shape, group, tokens, seqlen, compute, gram)
+            if pruner != "magnitude":  # the group shares its input: one Gram, its first linear's
+                per_layer = per_layer + input_statistics(shape, group[:1], tokens, seqlen, compute, gram)
             for name in group:
                 per_layer = per_layer + prune_linear(pruner, *linears[name], blocksize=blocksize, nm=nm)
         if rotated:

@@ -137,6 +137,10 @@ def _divisor_at_most(total: int, limit: int) -> int:
 # the steps of one layer
 
 
+class _InputsCollected(Exception):
+    """Raised by a forward pre-hook once every linear of interest has received its input."""
+
+
 @torch.no_grad()
 def input_statistics(
     layer: nn.Module,
@@ -144,10 +148,38 @@ def input_statistics(
     names: tuple[str, ...],
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
+    until: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
-    """Gram matrices H = Σ_t x_t x_tᵀ (in, in) of the inputs of `names`, running `hidden` through `layer`."""
+    """Gram matrices H = Σ_t x_t x_tᵀ (in, in) of the inputs of `names`, running `hidden` through `layer`.
+
+    Each batch's forward stops at the entry of the last of `names` and `until` (linears whose
+    inputs other pre-hooks, registered before this call, inspect) it reaches: nothing after it
+    is needed, so the first group of a layer costs its input norm instead of a whole forward
+    (`flops.input_statistics` counts the same)."""
+    awaited = frozenset(names) | frozenset(until)
+    entered: set[str] = set()
+
+    def stop_when_all_entered(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...]) -> None:
+            entered.add(name)
+            if entered >= awaited:
+                raise _InputsCollected
+
+        return hook
+
     with collect_grams({name: linears[name] for name in names}) as accumulators:
-        run_layer(layer, hidden, kwargs)
+        # registered after the Gram hooks (and the caller's), so those run first on the last input
+        handles = [linears[name].register_forward_pre_hook(stop_when_all_entered(name)) for name in awaited]
+        try:
+            for batch in hidden:
+                entered.clear()
+                try:
+                    layer(batch, **kwargs)
+                except _InputsCollected:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
     return {name: acc.gram for name, acc in accumulators.items()}
 
 
@@ -176,7 +208,7 @@ def checked_statistics(
 
     handles = [linears[name].register_forward_pre_hook(finite_check(name)) for name in watch]
     try:
-        grams = input_statistics(view.layer, linears, names, hidden, kwargs)
+        grams = input_statistics(view.layer, linears, names, hidden, kwargs, until=watch)
     finally:
         for handle in handles:
             handle.remove()
