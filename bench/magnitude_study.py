@@ -28,7 +28,8 @@ Modes: `plain` (original weights, no folding), `fold` (RMSNorm scales folded int
 linears, identity rotation: 0 steps), `rotate:S` (fold + R1/R2 learned for S steps with the
 paper's fp32 loss), `rotate-ref:S` (the same with `loss_variant: reference`, the reference
 code's bf16 loss); either takes an optimizer as a third field (`rotate-ref:100:paper` is the
-reference code's recipe: Adam on the QR parametrisation, bf16 loss; default: the package's).
+reference code's recipe: Adam on the QR parametrisation, bf16 loss; default: the package's) and
+further `FIELD=VALUE` rotation settings (`rotate:100:loss_score=magnitude`).
 Pruners: `magnitude` (one threshold per matrix, as the package and the reference code),
 `magnitude-row` (diagnostic only: one threshold per output row), `wanda`, `sparsegpt`.
 
@@ -138,11 +139,13 @@ def run_mode(
     if mode == "fold":
         rotation = RotationSettings(steps=0)
     elif mode.startswith("rotate"):
-        # rotate[-ref]:STEPS[:OPTIMIZER]; without an optimizer, the package's default
-        kind, steps, *optimizer = mode.split(":")
-        variant = "reference" if kind == "rotate-ref" else "paper"
-        extra = {"optimizer": optimizer[0]} if optimizer else {}
-        rotation = RotationSettings(steps=int(steps), loss_variant=variant, **extra)
+        # rotate[-ref]:STEPS[:OPTIMIZER][:FIELD=VALUE...]; unset fields keep the package's defaults
+        kind, steps, *fields = mode.split(":")
+        extra: dict[str, Any] = {"loss_variant": "reference" if kind == "rotate-ref" else "paper"}
+        for field in fields:
+            key, _, value = field.rpartition("=")
+            extra[key or "optimizer"] = value
+        rotation = RotationSettings(steps=int(steps), **extra)
     base_pruner = "magnitude" if pruner == "magnitude-row" else pruner
     settings = PruneSettings(pruner=base_pruner, pattern=pattern, rotation=rotation)
     layers: list[dict[str, Any]] = []
@@ -189,11 +192,12 @@ def run_mode(
                 record["top_channel_pruned"][name] = float((pruned[:, top] == 0).float().mean())
         finished = RotatedLayer(view.layer, r1) if r1 is not None else view.layer
         outputs = run_layer(finished, calib, kwargs[index])
-        reference = run_layer(originals[index], calib, kwargs[index])
-        record["local_err"] = _norm_ratio(
-            [o - h for o, h in zip(outputs, calib, strict=True)],
-            [r - h for r, h in zip(reference, calib, strict=True)],
-        )
+        if not args.skip_local_err:
+            reference = run_layer(originals[index], calib, kwargs[index])
+            record["local_err"] = _norm_ratio(
+                [o - h for o, h in zip(outputs, calib, strict=True)],
+                [r - h for r, h in zip(reference, calib, strict=True)],
+            )
         held = run_layer(finished, held, kwargs[index])
         record["drift"] = _norm_ratio(held, dense_held[index])
         # per-token RMS-normalised: what the next norm sees, not dominated by massive activations
@@ -206,7 +210,7 @@ def run_mode(
                     "pruner": pruner,
                     "pattern": pattern,
                     "mode": mode,
-                    **{k: record[k] for k in ("layer", "local_err", "drift", "drift_normed")},
+                    **{k: record.get(k) for k in ("layer", "local_err", "drift", "drift_normed")},
                 }
             ),
             file=sys.stderr,
@@ -218,7 +222,9 @@ def summarise(layers: list[dict[str, Any]]) -> dict[str, Any]:
     mean = {name: sum(r["linear_err"][name] for r in layers) / len(layers) for name in LINEAR_NAMES}
     return {
         "mean_linear_err": mean,
-        "mean_local_err": sum(r["local_err"] for r in layers) / len(layers),
+        "mean_local_err": (
+            sum(r["local_err"] for r in layers) / len(layers) if "local_err" in layers[0] else None
+        ),
         "final_drift": layers[-1]["drift"],
         "final_drift_normed": layers[-1]["drift_normed"],
         "mean_dead_columns": {
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patterns", nargs="+", default=["50%"])
     parser.add_argument("--modes", nargs="+", default=["plain", "fold", "rotate:100"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-local-err", action="store_true", help="no dense pass per layer for local_err")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.modes = [f"{m}:{args.steps}" if m in ("rotate", "rotate-ref") else m for m in args.modes]
