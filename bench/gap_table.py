@@ -11,7 +11,7 @@ table. Two modes are compared seed by seed (`--compare A B`: mean and spread of 
 difference of their shares), so a difference is told apart from the spread between seeds.
 
     python bench/gap_table.py bench/results/equal_settings_*.json --markdown \
-        --compare rotate:100 rotate-ref:100:paper
+        --compare rotate:100 rotate-ref:100:paper --modes rotate:100 rotate-ref:100:paper
 """
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ def _fmt(spread: dict[str, Any] | None, digits: int = 1, percent: bool = False) 
     return text + (" %" if percent else "")
 
 
-def markdown(table: dict[str, Any], modes: list[str]) -> str:
+def markdown(table: dict[str, Any], modes: list[str], labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
     header = ["pair", "seeds", "dense PPL", "plain PPL"]
     for mode in modes:
-        header += [f"{mode} PPL", f"{mode}: gap closed"]
+        header += [f"{labels.get(mode, mode)}: PPL", "gap closed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [
@@ -134,12 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--compare", nargs=2, metavar=("MODE_A", "MODE_B"))
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
+    parser.add_argument("--modes", nargs="+", help="the table's rotated modes, in order (default: all)")
+    parser.add_argument("--label", nargs="+", default=[], metavar="MODE=TEXT", help="column names")
     args = parser.parse_args(argv)
     table = gap_table(load_runs(args.files), tuple(args.compare) if args.compare else None)
     print(json.dumps(table, indent=1))
     if args.markdown:
-        modes = sorted({mode for row in table["rows"] for mode in row["modes"]})
-        print(markdown(table, modes))
+        modes = args.modes or sorted({mode for row in table["rows"] for mode in row["modes"]})
+        labels = dict(item.split("=", 1) for item in args.label)
+        print(markdown(table, modes, labels))
 
 
 if __name__ == "__main__":
