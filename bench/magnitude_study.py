@@ -39,12 +39,15 @@ Quick study (10–30 minutes on one core, depending on the machine's load):
         --pruners magnitude magnitude-row --patterns 50% \
         --modes plain fold rotate:100 --out bench/results/magnitude_study.json
 
-Full table (3 calibration seeds, magnitude and wanda at 50 % and 2:4, plain vs rotated,
-whole model, perplexity on 64 × 512 held-out tokens; about 2 CPU-hours):
+The equal-settings grid against the reference recipe (README; 3 calibration seeds, Wanda and
+SparseGPT at 50 % and 2:4, whole model, perplexity on 64 × 512 held-out tokens; one core:
+≈ 4.5 min per plain run, ≈ 10 min per rotated run; `bench/gap_table.py` turns the JSON into
+the table):
 
     PYTHONPATH=src python bench/magnitude_study.py --layers 0 --nsamples 32 --seqlen 512 \
-        --eval-windows 64 --seeds 0 1 2 --pruners magnitude wanda --patterns 50% 2:4 \
-        --modes plain rotate:100 --threads 8 --out bench/results/magnitude_study_full.json
+        --eval-windows 64 --skip-local-err --seeds 0 1 2 --pruners wanda sparsegpt \
+        --patterns 50% 2:4 --modes plain rotate:100 rotate-ref:100:paper \
+        --out bench/results/equal_settings.json
 """
 
 from __future__ import annotations
