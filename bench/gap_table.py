@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(table, indent=1))
     if args.markdown:
         modes = args.modes or sorted({mode for row in table["rows"] for mode in row["modes"]})
-        labels = dict(item.split("=", 1) for item in args.label)
+        labels = dict(item.rsplit("=", 1) for item in args.label)  # modes may hold "="
         print(markdown(table, modes, labels))
 
 
