@@ -34,13 +34,16 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+SMOLLM2_LAYERS = 30  # magnitude_study's model; fewer processed layers give no model perplexity
+
+
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """Every run of every file; a (seed, pruner, pattern, mode) measured twice is refused."""
     runs: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], Path] = {}
     for path in paths:
         report = json.loads(path.read_text())
-        if report.get("layers") != 30 and report.get("layers") is not None:
+        if report.get("layers") not in (SMOLLM2_LAYERS, None):
             print(f"{path}: {report['layers']} layers, not the whole model: skipped", file=sys.stderr)
             continue
         for run in report["runs"]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from magnitude_study import _relative_error as relative_output_error  # noqa: E402
 from rotation_speed import real_layer_data  # noqa: E402
 
 from denoiserotator.pruners import parse_pattern, prune_weight  # noqa: E402
@@ -117,10 +117,7 @@ def pruning_errors(
     for name, weight in fused.items():
         gram = rotated[GRAM_OF[name]]
         pruned = prune_weight(score, weight.float(), gram.float(), parse_pattern("50%")).weight.double()
-        delta = pruned - weight
-        errors[name] = math.sqrt(
-            float(torch.trace(delta @ gram @ delta.T)) / float(torch.trace(weight @ gram @ weight.T))
-        )
+        errors[name] = relative_output_error(weight, pruned, gram)
     return errors
 
 
