@@ -75,11 +75,16 @@ def test_layer_forward_and_gram_collection_equal_the_flop_counter(monkeypatch: p
     shape = flops.LayerShape.from_hf_config(model.config)
     view = adapter.layer(0)
     for names in (("q", "o", "gate", "down"), ("q", "k", "v"), ("down",)):
-        measured = counted(lambda n=names: input_statistics(view.layer, view.linears(), n, inputs.hidden,
-                                                             inputs.layer_kwargs[0]))  # fmt: skip
-        assert (
-            flops.input_statistics(shape, names, nsamples * seqlen, seqlen, "fp32", "fp64").matmul == measured
-        )
+        for diagonal in (False, True):  # Wanda's diagonals: elementwise, only the forward's matmuls count
+            def collect(n: tuple[str, ...] = names, d: bool = diagonal) -> None:
+                kwargs = inputs.layer_kwargs[0]
+                input_statistics(view.layer, view.linears(), n, inputs.hidden, kwargs, diagonal=d)
+
+            measured = counted(collect)
+            modelled = flops.input_statistics(
+                shape, names, nsamples * seqlen, seqlen, "fp32", "fp64", diagonal=diagonal
+            )
+            assert modelled.matmul == measured
 
 
 @pytest.mark.parametrize("pattern", ["50%", "2:4"])

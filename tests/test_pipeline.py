@@ -370,3 +370,54 @@ def test_gram_collection_stops_the_forward_once_its_inputs_are_seen(family: str)
         ran.clear()
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_wanda_pruning_collects_only_gram_diagonals(monkeypatch: pytest.MonkeyPatch, rotated: bool) -> None:
+    """Wanda reads only diag(H): its pruning passes accumulate Σ x² (in,), never an (in, in) Gram,
+    and prune exactly as from the whole Gram's diagonal. Full Grams remain for the rotation loss."""
+    import denoiserotator.gram as gram_module
+
+    rotation = RotationSettings(steps=3, loss_score="wanda") if rotated else None
+    settings = PruneSettings("wanda", "2:4", rotation)
+
+    def pruned_weights(force_full: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, ...]]]:
+        shapes: list[tuple[int, ...]] = []
+        real = gram_module.collect_grams
+
+        def recording(linears, diagonal=False):
+            shapes.append((len(linears), int(diagonal and not force_full)))
+            return real(linears, diagonal and not force_full)
+
+        with monkeypatch.context() as patch:
+            # force_full: whole Grams reach Wanda, which reads their diagonal
+            patch.setattr("denoiserotator.pipeline.collect_grams", recording)
+            model = tiny_model("qwen2", num_layers=2)
+            run_pipeline(model, calibration(model), settings, progress=False)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}, shapes
+
+    diagonal_only, calls = pruned_weights(force_full=False)
+    whole_gram, _ = pruned_weights(force_full=True)
+    pruning_calls = calls[1:5] if rotated else calls[:4]  # per layer: [rotation,] q/o/gate/down groups
+    assert all(diagonal for _, diagonal in pruning_calls), calls
+    if rotated:
+        assert calls[0] == (3, 0), calls  # the rotation loss still takes whole Grams of q, o, gate
+    assert len(calls) == 2 * (5 if rotated else 4)
+    for name, weight in diagonal_only.items():
+        assert torch.equal(weight, whole_gram[name]), name
+
+
+def test_diagonal_statistics_equal_the_whole_grams_diagonal() -> None:
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_layer_inputs(adapter, ids, 2, torch.device("cpu"), torch.float32)
+    view = adapter.layer(0)
+    names = ("q", "o", "down")
+    whole = input_statistics(view.layer, view.linears(), names, inputs.hidden, inputs.layer_kwargs[0])
+    diagonal = input_statistics(
+        view.layer, view.linears(), names, inputs.hidden, inputs.layer_kwargs[0], diagonal=True
+    )
+    for name in names:
+        assert diagonal[name].shape == (whole[name].shape[0],)
+        torch.testing.assert_close(diagonal[name], torch.diagonal(whole[name]), rtol=1e-12, atol=0)

@@ -171,6 +171,17 @@ def test_wanda_matches_reference(pattern_text, make):
     assert wanda_mask(w, gram, pattern).tolist() == ref_wanda_keep(w, gram, pattern)
 
 
+@pytest.mark.parametrize("pattern_text", ALL_PATTERNS)
+def test_wanda_takes_the_gram_diagonal_alone(pattern_text):
+    """The pipeline hands Wanda only diag(H) (in,); the masks equal those from the whole H."""
+    pattern = parse_pattern(pattern_text)
+    w = random_weight(6, 16, seed=4)
+    gram = random_gram(16, seed=2)
+    assert torch.equal(wanda_mask(w, torch.diagonal(gram).clone(), pattern), wanda_mask(w, gram, pattern))
+    with pytest.raises(ValueError, match=r"its diagonal \(16,\)"):
+        wanda_mask(w, torch.ones(15), pattern)
+
+
 def test_wanda_differs_from_magnitude_when_inputs_differ_in_scale():
     w = random_weight(8, 32, seed=6)
     gram = torch.diag(torch.linspace(0.01, 100.0, 32, dtype=torch.float64))

@@ -349,12 +349,13 @@ def _cache_first_grams(real):
     """Mutant: Grams of all seven linears collected once on the rotated, unpruned layer."""
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
-    def grams_for(layer, linears, names, hidden, kwargs, until=()):
+    def grams_for(layer, linears, names, hidden, kwargs, until=(), diagonal=False):
         if len(names) != 1:  # the rotation stage (one Gram per input group at once)
-            return real(layer, linears, names, hidden, kwargs, until)
+            return real(layer, linears, names, hidden, kwargs, until, diagonal)
         if id(layer) not in cache:
             cache[id(layer)] = real(layer, linears, LINEAR_NAMES, hidden, kwargs)
-        return {name: cache[id(layer)][name] for name in names}
+        grams = {name: cache[id(layer)][name] for name in names}
+        return {name: torch.diagonal(gram) for name, gram in grams.items()} if diagonal else grams
 
     return grams_for
 

@@ -229,12 +229,13 @@ def check_grams(
     purpose: str = "",
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Raise NonFiniteError if the Gram matrix (input statistics) of any linear holds inf/NaN."""
+    """Raise NonFiniteError if the Gram matrix (input statistics; (in, in), or its diagonal (in,))
+    of any linear holds inf/NaN."""
     for name, gram in grams.items():
         if gram is None or bool(torch.isfinite(gram).all()):
             continue
         path = (paths or {}).get(name, name)
-        diagonal = torch.diagonal(gram)
+        diagonal = gram if gram.dim() == 1 else torch.diagonal(gram)
         bad_inputs = (~torch.isfinite(diagonal)).nonzero().flatten().tolist()[:5]
         raise NonFiniteError(
             f"non-finite Gram matrix (input statistics) of layer {index} {path}"

@@ -275,10 +275,15 @@ def layer_forward(
     return _mm(linears + attention, precision)
 
 
-def gram_accumulation(widths: Iterable[int], tokens: int, precision: str = "fp32") -> Work:
+def gram_accumulation(
+    widths: Iterable[int], tokens: int, precision: str = "fp32", diagonal: bool = False
+) -> Work:
     """`gram.GramAccumulator.add` for linears with inputs of the given widths: 2 · tokens · width²
     each (fp32 on a GPU, fp64 on the CPU). Every hooked linear has its own accumulator, even
-    when linears share their input."""
+    when linears share their input. `diagonal` (`GramDiagonalAccumulator`, Wanda): square and
+    sum, 2 · tokens · width, elementwise, so not what FlopCounterMode counts."""
+    if diagonal:
+        return _mm(sum(2 * tokens * width for width in widths), precision, counted=False)
     return _mm(sum(2 * tokens * width**2 for width in widths), precision)
 
 
@@ -290,14 +295,16 @@ def input_statistics(
     compute: str,
     gram: str,
     until: Iterable[str] = (),
+    diagonal: bool = False,
 ) -> Work:
-    """`pipeline.input_statistics`: a layer forward with Gram hooks on `names`, stopped at the
-    entry of the last of `names` and `until`."""
+    """`pipeline.input_statistics`: a layer forward with Gram hooks on `names` (only the
+    diagonals with `diagonal`), stopped at the entry of the last of `names` and `until`."""
     names = tuple(names)
     linears = shape.linears()
     widths = [linears[name][1] for name in names]
     stop = max((*names, *until), key=FORWARD_ORDER.index)
-    return layer_forward(shape, tokens, seqlen, compute, stop) + gram_accumulation(widths, tokens, gram)
+    accumulation = gram_accumulation(widths, tokens, gram, diagonal)
+    return layer_forward(shape, tokens, seqlen, compute, stop) + accumulation
 
 
 def sparsegpt_linear(rows: int, cols: int, blocksize: int = 128, nm: int | None = None) -> Work:
@@ -355,7 +362,8 @@ def prune_job(
     inputs of q, o and gate (and down in the reference variant; none for magnitude),
     `rotation_training`, and the fp64 fusion (the fused products once); with a pruner ("none" =
     rotation only), per input group a Gram re-collection (unless magnitude: a layer forward up to
-    the group, one Gram for the group's shared input) and the pruning of its linears; then one forward to
+    the group, one Gram for the group's shared input, its diagonal for Wanda) and the pruning of
+    its linears; then one forward to
     propagate the outputs (plus the entry and exit rotations h·Q, h·Qᵀ of the unmerged layer).
     `tokens` = nsamples × seqlen; `compute` and
     `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss.
@@ -375,7 +383,9 @@ def prune_job(
     if pruner != "none":
         for group in INPUT_GROUPS:
             if pruner != "magnitude":  # the group shares its input: one Gram, its first linear's
-                per_layer = per_layer + input_statistics(shape, group[:1], tokens, seqlen, compute, gram)
+                per_layer = per_layer + input_statistics(
+                    shape, group[:1], tokens, seqlen, compute, gram, diagonal=pruner == "wanda"
+                )
             for name in group:
                 per_layer = per_layer + prune_linear(pruner, *linears[name], blocksize=blocksize, nm=nm)
         if rotated:

@@ -149,8 +149,10 @@ def input_statistics(
     hidden: list[torch.Tensor],
     kwargs: dict[str, Any],
     until: tuple[str, ...] = (),
+    diagonal: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Gram matrices H = Σ_t x_t x_tᵀ (in, in) of the inputs of `names`, running `hidden` through `layer`.
+    """Gram matrices H = Σ_t x_t x_tᵀ (in, in) of the inputs of `names`, running `hidden` through
+    `layer`; with `diagonal`, only their diagonals Σ_t x_t² (in,), all Wanda reads.
 
     Each batch's forward stops at the entry of the last of `names` and `until` (linears whose
     inputs other pre-hooks, registered before this call, inspect) it reaches: nothing after it
@@ -167,7 +169,7 @@ def input_statistics(
 
         return hook
 
-    with collect_grams({name: linears[name] for name in names}) as accumulators:
+    with collect_grams({name: linears[name] for name in names}, diagonal) as accumulators:
         # registered after the Gram hooks (and the caller's), so those run first on the last input
         handles = [linears[name].register_forward_pre_hook(stop_when_all_entered(name)) for name in awaited]
         try:
@@ -191,8 +193,10 @@ def checked_statistics(
     kwargs: dict[str, Any],
     purpose: str,
     watch: tuple[str, ...] = (),
+    diagonal: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """`input_statistics` of layer `index`'s linears `names`, refused with NonFiniteError (naming
+    """`input_statistics` of layer `index`'s linears `names` (only the Grams' diagonals with
+    `diagonal`), refused with NonFiniteError (naming
     the layer, the linear and `purpose`) when a Gram holds inf/NaN, before anything uses it.
     The inputs of the linears `watch` are only checked for inf/NaN in the same pass (no Gram), so
     an overflow there is named before any work too."""
@@ -208,7 +212,7 @@ def checked_statistics(
 
     handles = [linears[name].register_forward_pre_hook(finite_check(name)) for name in watch]
     try:
-        grams = input_statistics(view.layer, linears, names, hidden, kwargs, until=watch)
+        grams = input_statistics(view.layer, linears, names, hidden, kwargs, until=watch, diagonal=diagonal)
     finally:
         for handle in handles:
             handle.remove()
@@ -271,11 +275,13 @@ def prune_groups(
     damping: dict[str, float | None] = {}
     for group in adapter.input_groups.values():
         # The linears of a group share their input, hence their Gram matrix: collect it once
-        # (one (in, in) accumulator instead of three for q, k, v).
+        # (one (in, in) accumulator instead of three for q, k, v). Wanda reads only its diagonal.
         grams: dict[str, torch.Tensor] = {}
         if settings.pruner != "magnitude":
             purpose = f"pruning with {settings.pruner}"
-            shared = checked_statistics(view, index, group[:1], hidden, kwargs, purpose)[group[0]]
+            shared = checked_statistics(
+                view, index, group[:1], hidden, kwargs, purpose, diagonal=settings.pruner == "wanda"
+            )[group[0]]
             grams = dict.fromkeys(group, shared)
         for name in group:
             linear = linears[name]

@@ -56,7 +56,8 @@ def prune_weight(
 ) -> PruneResult:
     """Prune one (out, in) weight with ``pruner``.
 
-    ``gram`` is sum_t x_t x_t^T of the linear's inputs, (in, in), any float dtype; magnitude ignores it.
+    ``gram`` is sum_t x_t x_t^T of the linear's inputs, (in, in), any float dtype; Wanda also
+    takes its diagonal alone (in,); magnitude ignores it.
     """
     if pruner not in PRUNERS:
         raise ValueError(f"unknown pruner {pruner!r}; supported: {', '.join(PRUNERS)}")

@@ -10,14 +10,21 @@ __all__ = ["wanda_mask", "wanda_scores"]
 
 
 def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * sqrt(H_jj); H = sum_t x_t x_t^T, so sqrt(H_jj) is the input column norm ||X_j||."""
+    """|W_ij| * sqrt(H_jj); H = sum_t x_t x_t^T, so sqrt(H_jj) is the input column norm ||X_j||.
+
+    gram: H (in, in), or only its diagonal (in,) (`gram.collect_grams(..., diagonal=True)`).
+    Raises ValueError on other shapes."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
-    if gram.shape != (cols, cols):
-        raise ValueError(f"gram must be ({cols}, {cols}) for {cols} input columns, got {tuple(gram.shape)}")
+    if gram.shape not in ((cols, cols), (cols,)):
+        raise ValueError(
+            f"gram must be ({cols}, {cols}) or its diagonal ({cols},) for {cols} input columns, "
+            f"got {tuple(gram.shape)}"
+        )
+    diagonal = gram.detach() if gram.dim() == 1 else torch.diagonal(gram.detach())
     # clamp: a Gram accumulated in low precision can show tiny negative diagonal entries
-    norms = torch.diagonal(gram.detach()).to(device=weight.device, dtype=torch.float32).clamp_min(0).sqrt()
+    norms = diagonal.to(device=weight.device, dtype=torch.float32).clamp_min(0).sqrt()
     return weight.detach().float().abs() * norms.unsqueeze(0)
 
 
