@@ -219,3 +219,96 @@ def test_readme_cluster_table_is_the_command_output() -> None:
     start = readme.index("<!-- costs table: begin -->\n") + len("<!-- costs table: begin -->\n")
     end = readme.index("<!-- costs table: end -->")
     assert readme[start:end] == printed
+
+
+@pytest.fixture
+def paper() -> Experiment:
+    return Experiment(load("config.yaml"))
+
+
+def test_runtime_requests_are_capped_at_the_partitions_limit(
+    paper: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variant = "sparsegpt_50pct_dr-00000000"
+    monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
+    whole = costs.runtime(paper, "llama3-70b", "prune", True, variant=variant)
+    small = costs.runtime(paper, "llama3-8b", "prune", True, variant=variant)
+    assert small < 2880 < whole
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, "2880")
+    # resumable: at most the limit, on every attempt
+    assert costs.runtime(paper, "llama3-70b", "prune", True, variant=variant) == 2880
+    assert costs.runtime(paper, "llama3-70b", "prune", True, attempt=2, variant=variant) == 2880
+    assert costs.runtime(paper, "llama3-8b", "prune", True, variant=variant) == small  # fits: unchanged
+    assert costs.runtime(paper, "llama3-8b", "prune", True, attempt=2, variant=variant) == 2 * small
+
+
+def test_a_job_that_cannot_resume_is_refused_above_the_limit(
+    paper: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
+    finetune = costs.runtime(paper, "llama3-70b", "finetune")
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, str(finetune - 1))
+    with pytest.raises(costs.RuntimeLimitError, match=r"finetune job of llama3-70b .* lower lora\.steps"):
+        costs.runtime(paper, "llama3-70b", "finetune")
+    # its first attempt fits: a retry asks for the limit instead of twice the estimate
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, str(finetune + 1))
+    assert costs.runtime(paper, "llama3-70b", "finetune", attempt=2) == finetune + 1
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "2-00:00:00", "48h"])
+def test_a_malformed_limit_is_named(value: str, monkeypatch: pytest.MonkeyPatch, paper: Experiment) -> None:
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, value)
+    with pytest.raises(costs.RuntimeLimitError, match=r"DENOISEROTATOR_MAX_RUNTIME=.*whole minutes"):
+        costs.runtime(paper, "llama3-8b", "prune")
+
+
+def test_prune_attempts_cover_the_work_lost_at_each_restart(
+    paper: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays the attempts: each one loads the model again (the fixed minutes), runs until the
+    limit and keeps only the layers up to its last checkpoint (written once 30 minutes or 8 layers
+    have passed after a layer); the count `prune_attempts` gives is the count this replay needs."""
+    monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
+    variant, model = "sparsegpt_50pct_dr-00000000", "llama3-70b"
+    total = costs.runtime(paper, model, "prune", True, variant=variant)
+    fixed = 20 + 6 * paper.models[model]["params_b"]
+    layers = 80
+    per_layer = (total - fixed) / layers
+    settings = paper.compute_for(model)
+
+    def replay(limit: int) -> int:
+        done, attempts = 0, 0
+        while done < layers:
+            attempts += 1
+            clock, since_checkpoint, checkpointed = fixed, 0, done
+            while done < layers and clock + per_layer <= limit:
+                clock, done = clock + per_layer, done + 1
+                since_checkpoint += 1
+                if since_checkpoint >= settings.checkpoint_every_layers or (
+                    since_checkpoint * per_layer >= settings.checkpoint_every_minutes
+                ):
+                    checkpointed, since_checkpoint = done, 0
+            if done < layers:
+                done = checkpointed  # killed at the limit: back to the last checkpoint
+            assert attempts < 100
+        return attempts
+
+    for limit in (1440, 2880, 4000):
+        # the model's count is the replay's or (conservatively) one more, never fewer
+        assert costs.prune_attempts(paper, model, True, variant, limit) in (replay(limit), replay(limit) + 1)
+    assert costs.prune_attempts(paper, model, True, variant, total) == 1
+    with pytest.raises(costs.RuntimeLimitError, match="less than one layer"):
+        costs.prune_attempts(paper, model, True, variant, int(fixed) + 10)
+
+
+def test_too_few_retries_for_the_attempts_are_refused(
+    paper: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, "1440")
+    variant = "sparsegpt_50pct_dr-00000000"
+    attempts = costs.prune_attempts(paper, "llama3-70b", True, variant)
+    assert attempts > 2
+    with pytest.raises(costs.RuntimeLimitError, match=rf"--retries {attempts - 1}"):
+        costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=1)
+    costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=attempts - 1)
+    costs.check_prune_retries(paper, "llama3-8b", True, variant, retries=0)

@@ -11,6 +11,11 @@ model entry's shape fields (hidden, layers, intermediate, heads, kv_heads). With
 time falls back to the paper's 0.124 s per step per layer on an A100 for an 8B model, scaled
 linearly with size, with a 1.5× margin. A model entry's `resources` block overrides any value per
 step; every value doubles with each retry (`attempt`).
+
+Time requests never exceed the partition's limit when DENOISEROTATOR_MAX_RUNTIME (minutes, the
+partition's MaxTime) is set: sbatch would refuse such a job, or leave it pending for ever. A prune
+job longer than that runs as several attempts at the limit, each resuming after the last layer
+checkpoint (`prune_attempts`); a step that cannot resume is refused at planning time instead.
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assum
 GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # the cluster's GPU model (see gpu_request below)
 DEFAULT_GPU_MODEL = "a100"
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
+MAX_RUNTIME_VARIABLE = "DENOISEROTATOR_MAX_RUNTIME"  # minutes: the partition's MaxTime
+RESUMABLE_STEPS = frozenset({"prune"})  # resume after their last layer checkpoint when rerun
+
+
+class RuntimeLimitError(ValueError):
+    """A job's time request cannot fit the partition's limit (DENOISEROTATOR_MAX_RUNTIME)."""
+
+
+def max_runtime(environ: Mapping[str, str] | None = None) -> int | None:
+    """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
+    empty. Raises RuntimeLimitError on anything but a positive whole number of minutes."""
+    raw = (os.environ if environ is None else environ).get(MAX_RUNTIME_VARIABLE, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise RuntimeLimitError(
+            f"{MAX_RUNTIME_VARIABLE}={raw!r}: give the partition's MaxTime in whole minutes, "
+            "e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
+        )
+    return int(raw)
 
 
 def _override(exp: Experiment, model: str, step: str, key: str) -> Any:
@@ -85,13 +110,54 @@ def runtime(
     (on the fixed part; the modelled part uses the CPU's rate). `variant`: the prune job's folder
     name (pruner, pattern), e.g. "sparsegpt_2-4_dr-1a2b3c4d"; without it SparseGPT, unstructured
     (the most expensive) is assumed."""
+    request = _uncapped_runtime(exp, model, step, rotated, variant) * attempt
+    limit = max_runtime()
+    if limit is None or request <= limit:
+        return request
+    if step in RESUMABLE_STEPS:
+        return limit
+    if attempt == 1:
+        raise RuntimeLimitError(
+            f"the {step} job of {model} needs about {request} min, more than the partition's "
+            f"{limit} min ({MAX_RUNTIME_VARIABLE}), and cannot resume after a time-out: "
+            + ("lower lora.steps, " if step == "finetune" else "")
+            + f"set a `resources: {{{step}: {{runtime: ...}}}}` override for {model} if the estimate "
+            f"is too high, or use a partition with a longer limit"
+        )
+    return limit  # a retry asks for what the partition allows
+
+
+def check_prune_retries(
+    exp: Experiment, model: str, rotated: bool, variant: str | None, retries: int
+) -> None:
+    """Raise RuntimeLimitError when the prune job needs more attempts at the partition's limit
+    (`prune_attempts`) than Snakemake's `retries` (the profile's restart-times) allow, so that the
+    plan fails now instead of the job after days on the cluster."""
+    attempts = prune_attempts(exp, model, rotated, variant)
+    if attempts > retries + 1:
+        limit = max_runtime()
+        raise RuntimeLimitError(
+            f"the prune job of {model} ({variant}) needs about "
+            f"{_uncapped_runtime(exp, model, 'prune', rotated, variant)} min: {attempts} attempts of "
+            f"{limit} min ({MAX_RUNTIME_VARIABLE}), each resuming after its last layer checkpoint, "
+            f"but Snakemake retries a job only {retries} time(s): add `--retries {attempts - 1}` "
+            "(the slurm profile's restart-times is 1), use a partition with a longer limit, or "
+            "lower rotation.steps"
+        )
+
+
+def _fixed_minutes(exp: Experiment, model: str) -> float:
+    """Loading and saving: 20 + 6 per billion parameters (× CPU_SLOWDOWN without a GPU)."""
+    minutes = 20 + 6 * exp.models[model]["params_b"]
+    return minutes if uses_gpu(exp) else minutes * CPU_SLOWDOWN
+
+
+def _uncapped_runtime(exp: Experiment, model: str, step: str, rotated: bool, variant: str | None) -> int:
     value = _override(exp, model, step, "runtime")
     if value:
-        return value * attempt
+        return int(value)
     size = exp.models[model]["params_b"]
-    minutes = 20 + 6 * size
-    if not uses_gpu(exp):
-        minutes *= CPU_SLOWDOWN
+    minutes = _fixed_minutes(exp, model)
     shape = flops.LayerShape.from_entry(exp.models[model])
     if step == "prune" and shape is not None:
         minutes += COMPUTE_MARGIN * prune_seconds(exp, model, rotated, variant) / 60
@@ -100,7 +166,39 @@ def runtime(
         minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
     elif step == "finetune":
         minutes += 10 * size * exp.lora.steps / 1024 * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
-    return int(minutes) * attempt
+    return int(minutes)
+
+
+def prune_attempts(
+    exp: Experiment, model: str, rotated: bool, variant: str | None, limit: int | None = None
+) -> int:
+    """How many attempts of at most `limit` minutes (default: DENOISEROTATOR_MAX_RUNTIME) the prune
+    job needs, each resuming after the last layer checkpoint. Every attempt pays the fixed loading
+    and saving time again and can lose the work since the last checkpoint: at most
+    `compute.checkpoint_every_layers` layers, or `compute.checkpoint_every_minutes` plus one layer.
+    1 without a limit. Raises RuntimeLimitError when an attempt of `limit` minutes cannot finish a
+    single layer."""
+    limit = max_runtime() if limit is None else limit
+    total = _uncapped_runtime(exp, model, "prune", rotated, variant)
+    if limit is None or total <= limit:
+        return 1
+    fixed = _fixed_minutes(exp, model)
+    compute = total - fixed
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    # without a shape: the fetch's layer count, else LLaMA-3-8B's 32
+    layers = shape.layers if shape is not None else exp.models[model].get("num_layers") or 32
+    per_layer = compute / layers
+    settings = exp.compute_for(model)
+    lost = min(settings.checkpoint_every_layers * per_layer, settings.checkpoint_every_minutes + per_layer)
+    progress = limit - fixed - lost
+    if progress < per_layer:
+        raise RuntimeLimitError(
+            f"the prune job of {model} needs about {total} min; an attempt of {limit} min "
+            f"({MAX_RUNTIME_VARIABLE}) spends {fixed:.0f} min loading and saving and may lose "
+            f"{lost:.0f} min since its last checkpoint, leaving less than one layer ({per_layer:.0f} min): "
+            "use a partition with a longer limit, or lower rotation.steps"
+        )
+    return math.ceil(compute / progress)
 
 
 def compute_device(exp: Experiment) -> flops.Device:

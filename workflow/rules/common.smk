@@ -110,9 +110,17 @@ def get_mem_mb(step: str):
     return lambda wildcards, attempt: costs.mem_mb(EXP, _model_of(wildcards), step, attempt)
 
 
+def _retries() -> int:
+    # --retries / the profile's restart-times (Snakemake 9 keeps it in the execution settings)
+    return getattr(getattr(workflow, "execution_settings", None), "retries", 0) or 0
+
+
 def get_runtime(step: str):
+    # capped at DENOISEROTATOR_MAX_RUNTIME; a longer prune job runs as resuming attempts (costs.runtime)
     def runtime(wildcards, attempt) -> int:
         rotated = step == "prune" and not wildcards.variant.endswith("_none")
         variant = wildcards.variant if step == "prune" else None
+        if step == "prune" and attempt == 1:
+            costs.check_prune_retries(EXP, _model_of(wildcards), rotated, variant, _retries())
         return costs.runtime(EXP, _model_of(wildcards), step, rotated, attempt, variant=variant)
     return runtime
