@@ -188,7 +188,9 @@ def test_log_line_is_readable() -> None:
         stop_reason="converged",
     )
     line = result.log_line()
-    assert line.startswith("loss 812.3 → 640.1 (−21.2%), 137 steps (best at 130), optimizer cayley, 4.2 s")
+    assert line == (
+        "loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped: converged, optimizer cayley, 4.2 s"
+    )
 
 
 def _indefinite_gram(size: int = 16) -> torch.Tensor:
@@ -225,6 +227,12 @@ def test_rotation_damping_is_reported() -> None:
     assert "damping 0.1" in result.log_line()
     wanda = train_rotation(_problem("wanda"), RotationSettings(steps=2), progress=False)
     assert wanda.summary()["rotation_damping"] == 0.0
+    # the prune job's per-layer log line (SLURM log, report) says it too, and how training ended
+    from denoiserotator.logs import layer_summary
+
+    line = layer_summary({"layer": 4, **result.summary(), "rotation_stop": "converged", "seconds": 2.0}, 32)
+    assert line.startswith("layer 5/32: loss ") and line.endswith(", stopped: converged, damping 0.1, 2.0 s")
+    assert "damping" not in layer_summary({"layer": 0, **wanda.summary()}, 32)
 
 
 @pytest.mark.parametrize("score", ["wanda", "sparsegpt"])

@@ -46,16 +46,29 @@ def log_to(path: str, threads: int | None = None, offline_hub: bool = False) -> 
         torch.set_num_threads(threads)
 
 
+def rotation_summary(record: dict) -> str:
+    """A layer's rotation training in words (`RotationResult.summary()` keys), e.g.
+    `loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped: converged, damping 0.1`:
+    the stop reason when training ended before `steps`, and the SparseGPT statistic's damping
+    when an indefinite Gram forced it above the pruner's 1 %."""
+    start, best = record["entropy_before"], record["entropy_after"]
+    drop = 100.0 * (best - start) / start if start else 0.0
+    line = (f"loss {start:.4g} → {best:.4g} ({drop:+.1f}%), {record.get('rotation_steps')} steps "
+            f"(best at {record.get('rotation_best_step')})")  # fmt: skip
+    if record.get("rotation_stop") not in (None, "steps"):
+        line += f", stopped: {record['rotation_stop']}"
+    if (record.get("rotation_damping") or 0.0) > 0.01:
+        line += f", damping {record['rotation_damping']:g}"
+    return line
+
+
 def layer_summary(record: dict, num_layers: int) -> str:
     """The readable part of a finished layer's line (`pipeline.describe_layer`, the report), e.g.
     `layer 12/80: loss 812.3 → 640.1 (-21.2%), 400 steps (best at 388), sparsity 0.500, 41.2 s`.
     `record`: one entry of a prune job's per-layer stats."""
     parts = [f"layer {record['layer'] + 1}/{num_layers}:"]
     if "entropy_before" in record:
-        start, best = record["entropy_before"], record["entropy_after"]
-        drop = 100.0 * (best - start) / start if start else 0.0
-        parts.append(f"loss {start:.4g} → {best:.4g} ({drop:+.1f}%), {record.get('rotation_steps')} steps "
-                     f"(best at {record.get('rotation_best_step')}),")  # fmt: skip
+        parts.append(rotation_summary(record) + ",")
     if "sparsity" in record:
         values = list(record["sparsity"].values())
         parts.append(f"sparsity {sum(values) / len(values):.3f},")

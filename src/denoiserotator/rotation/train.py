@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..logs import rotation_summary
 from ..settings import RotationSettings
 from .fuse import block_diag, expand_kv_blocks
 from .loss import InputStatistic, LossVariant, ScoreName, linear_entropy, squared_entropy
@@ -279,19 +280,10 @@ class RotationResult:
         }
 
     def log_line(self) -> str:
-        """One readable line per layer, e.g.
-        `loss 812.3 → 640.1 (−21.2%), 137 steps (best at 130), optimizer cayley, 4.2 s`."""
-        change = (self.loss_best - self.loss_start) / abs(self.loss_start) * 100 if self.loss_start else 0.0
-        sign = "−" if change < 0 else "+"
-        line = (
-            f"loss {self.loss_start:.1f} → {self.loss_best:.1f} ({sign}{abs(change):.1f}%), "
-            f"{self.steps} steps (best at {self.best_step}), optimizer {self.optimizer}, {self.seconds:.1f} s"
-        )
-        if self.stop_reason != "steps":
-            line += f", stopped: {self.stop_reason}"
-        if self.damping and self.damping > 0.01:
-            line += f", damping {self.damping:g}"
-        return line
+        """One readable line per layer, the pipeline's wording (`logs.rotation_summary`) plus the
+        optimizer and time, e.g. `loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped:
+        converged, optimizer cayley, 4.2 s`."""
+        return f"{rotation_summary(self.summary())}, optimizer {self.optimizer}, {self.seconds:.1f} s"
 
 
 # (step, rotation, blocks, loss) at every accepted iterate; returning True stops training.
