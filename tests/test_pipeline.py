@@ -193,7 +193,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
         return real_run_layer(*args, **kwargs)
 
     def counting_save(obj, path):
-        if path.name == "hidden.pt":
+        if path.name.startswith("hidden"):
             hidden_writes.append(path.name)
         return real_save(obj, path)
 
@@ -217,6 +217,40 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
     _assert_same_run(reference, resumed)
     # Layers 2 (resumed run, every layer) written; layer 3 is the last: the job is done, no write.
     assert len(hidden_writes) == 2
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_path, monkeypatch) -> None:
+    """Killed after the new activations are on disk but before progress.json names them: the
+    resumed run takes the previous checkpoint whole (its layers and its own activations) and
+    equals an uninterrupted run. Overwriting one activations file in place would pair layer 1's
+    progress with layer 2's inputs here."""
+    import os
+
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
+    )
+    ids = calibration(tiny_model("qwen2", num_layers=3))
+    reference = run_pipeline(tiny_model("qwen2", num_layers=3), ids, settings, progress=False)
+    real_replace = os.replace
+    switches = {"n": 0}
+
+    def dying_replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("progress.json"):
+            switches["n"] += 1
+            if switches["n"] == 2:  # the checkpoint after layer 1, all but its switch written
+                raise KeyboardInterrupt("time limit")
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", dying_replace)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(
+                tiny_model("qwen2", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+            )
+    resumed = run_pipeline(
+        tiny_model("qwen2", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+    )
+    _assert_same_run(reference, resumed)
 
 
 def test_checkpoint_policy_counts_layers_and_minutes() -> None:

@@ -106,5 +106,5 @@ def discard_checkpoint(folder: Path, found_key: str | None, key: str) -> None:
         found_key,
         key,
     )
-    for path in [folder / "progress.json", folder / "hidden.pt", *folder.glob("layer-*.pt")]:
+    for path in [folder / "progress.json", *folder.glob("hidden*.pt"), *folder.glob("layer-*.pt")]:
         path.unlink(missing_ok=True)

@@ -485,10 +485,13 @@ class LayerCheckpoint:
 
     Finished layers are reported with `finished`; when `policy` says a checkpoint is due, the
     layers finished since the last one are written (weights, rotation, statistics: one file
-    each), then the activations that feed the next layer, then `progress.json`, written last,
+    each), then the activations that feed the next layer (`hidden-<done>.pt`, a new file: the
+    previous checkpoint's stay valid until the switch), then `progress.json`, written last,
     naming the settings and calibration it belongs to (so a checkpoint of other settings is
-    never resumed) and how many layers it holds. Layers finished after the last checkpoint are
-    redone on resume. Without a policy, every finished layer is a checkpoint.
+    never resumed), how many layers it holds and its activations file. Every file is replaced
+    atomically, so a job killed at any instant leaves the previous or the new checkpoint, never
+    a mix. Layers finished after the last checkpoint are redone on resume. Without a policy,
+    every finished layer is a checkpoint.
     """
 
     def __init__(self, folder: Path, key: str, policy: CheckpointPolicy | None = None) -> None:
@@ -497,11 +500,14 @@ class LayerCheckpoint:
         self.policy = policy or CheckpointPolicy(every_layers=1, every_minutes=0)
         self.pending: list[tuple[int, dict[str, Any]]] = []
 
-    def done(self) -> int:
+    def _progress(self) -> dict[str, Any] | None:
         progress = self.folder / "progress.json"
-        if not progress.exists():
+        return json.loads(progress.read_text()) if progress.exists() else None
+
+    def done(self) -> int:
+        record = self._progress()
+        if record is None:
             return 0
-        record = json.loads(progress.read_text())
         if record.get("key") == self.key:
             return int(record["done"])
         discard_checkpoint(self.folder, record.get("key"), self.key)
@@ -526,13 +532,19 @@ class LayerCheckpoint:
         return True
 
     def save(self, index: int, hidden: list[torch.Tensor]) -> None:
-        """Write the pending layers, then `hidden` (the inputs of layer index+1), then progress."""
+        """Write the pending layers, then `hidden` (the inputs of layer index+1) to a file of its
+        own, then progress (the switch), then remove the activations it no longer names."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for pending_index, payload in self.pending:
             _atomic_save(payload, self.folder / f"layer-{pending_index:04d}.pt")
-        _atomic_save([batch.cpu() for batch in hidden], self.folder / "hidden.pt")
-        (self.folder / "progress.json.tmp").write_text(json.dumps({"key": self.key, "done": index + 1}))
+        hidden_name = f"hidden-{index + 1:04d}.pt"
+        _atomic_save([batch.cpu() for batch in hidden], self.folder / hidden_name)
+        record = {"key": self.key, "done": index + 1, "hidden": hidden_name}
+        (self.folder / "progress.json.tmp").write_text(json.dumps(record))
         os.replace(self.folder / "progress.json.tmp", self.folder / "progress.json")
+        for stale in self.folder.glob("hidden*.pt"):
+            if stale.name != hidden_name:
+                stale.unlink(missing_ok=True)
         self.pending.clear()
         self.policy.saved(index + 1)
         log.info("checkpoint after layer %d in %s", index, self.folder)
@@ -541,7 +553,10 @@ class LayerCheckpoint:
         return torch.load(self.folder / f"layer-{index:04d}.pt", weights_only=True)
 
     def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
-        return [batch.to(device) for batch in torch.load(self.folder / "hidden.pt", weights_only=True)]
+        """The activations the current progress.json names (`hidden.pt` in checkpoints written
+        before they were numbered)."""
+        name = (self._progress() or {}).get("hidden", "hidden.pt")
+        return [batch.to(device) for batch in torch.load(self.folder / name, weights_only=True)]
 
     def resume(
         self, adapter: ModelAdapter, dtype: torch.dtype, device: torch.device
