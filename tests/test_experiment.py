@@ -312,3 +312,25 @@ def test_too_few_retries_for_the_attempts_are_refused(
         costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=1)
     costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=attempts - 1)
     costs.check_prune_retries(paper, "llama3-8b", True, variant, retries=0)
+
+
+def test_memory_requests_stay_within_a_nodes_memory(
+    paper: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry (after a time limit as often as after running out of memory) asks for at most
+    DENOISEROTATOR_MAX_MEM_MB, not twice a request that already filled a node; a first request
+    above it is refused, naming the job and what to change."""
+    monkeypatch.delenv(costs.MAX_MEM_VARIABLE, raising=False)
+    prune = costs.mem_mb(paper, "llama3-70b", "prune")
+    finetune = costs.mem_mb(paper, "llama3-70b", "finetune")
+    assert prune < 250_000 < finetune and costs.mem_mb(paper, "llama3-70b", "prune", attempt=2) == 2 * prune
+    monkeypatch.setenv(costs.MAX_MEM_VARIABLE, "250000")
+    assert costs.mem_mb(paper, "llama3-70b", "prune") == prune
+    assert costs.mem_mb(paper, "llama3-70b", "prune", attempt=2) == 250_000
+    with pytest.raises(
+        costs.RuntimeLimitError, match=r"finetune job of llama3-70b needs about \d+ MB .* 250000 MB"
+    ):
+        costs.mem_mb(paper, "llama3-70b", "finetune")
+    monkeypatch.setenv(costs.MAX_MEM_VARIABLE, "250GB")
+    with pytest.raises(costs.RuntimeLimitError, match=r"DENOISEROTATOR_MAX_MEM_MB='250GB'.*whole MB"):
+        costs.mem_mb(paper, "llama3-8b", "prune")

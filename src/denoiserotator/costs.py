@@ -12,10 +12,12 @@ time falls back to the paper's 0.124 s per step per layer on an A100 for an 8B m
 linearly with size, with a 1.5× margin. A model entry's `resources` block overrides any value per
 step; every value doubles with each retry (`attempt`).
 
-Time requests never exceed the partition's limit when DENOISEROTATOR_MAX_RUNTIME (minutes, the
-partition's MaxTime) is set: sbatch would refuse such a job, or leave it pending for ever. A prune
-job longer than that runs as several attempts at the limit, each resuming after the last layer
-checkpoint (`prune_attempts`); a step that cannot resume is refused at planning time instead.
+Requests never exceed the cluster's limits when they are set: DENOISEROTATOR_MAX_RUNTIME (minutes,
+the partition's MaxTime) and DENOISEROTATOR_MAX_MEM_MB (a node's memory for jobs): sbatch would
+refuse such a job, or leave it pending for ever. A retry asks for at most the limit (a prune job
+retried after its time limit needs no more memory than before). A prune job longer than the time
+limit runs as several attempts at the limit, each resuming after the last layer checkpoint
+(`prune_attempts`); any other first request above a limit is refused at planning time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # the cluster's GPU model (see 
 DEFAULT_GPU_MODEL = "a100"
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
 MAX_RUNTIME_VARIABLE = "DENOISEROTATOR_MAX_RUNTIME"  # minutes: the partition's MaxTime
+MAX_MEM_VARIABLE = "DENOISEROTATOR_MAX_MEM_MB"  # MB: the memory a job may ask of one node
 RESUMABLE_STEPS = frozenset({"prune"})  # resume after their last layer checkpoint when rerun
 
 
@@ -46,18 +49,27 @@ class RuntimeLimitError(ValueError):
     """A job's time request cannot fit the partition's limit (DENOISEROTATOR_MAX_RUNTIME)."""
 
 
-def max_runtime(environ: Mapping[str, str] | None = None) -> int | None:
-    """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
-    empty. Raises RuntimeLimitError on anything but a positive whole number of minutes."""
-    raw = (os.environ if environ is None else environ).get(MAX_RUNTIME_VARIABLE, "").strip()
+def _positive_int(variable: str, hint: str, environ: Mapping[str, str] | None) -> int | None:
+    raw = (os.environ if environ is None else environ).get(variable, "").strip()
     if not raw:
         return None
     if not raw.isdigit() or int(raw) <= 0:
-        raise RuntimeLimitError(
-            f"{MAX_RUNTIME_VARIABLE}={raw!r}: give the partition's MaxTime in whole minutes, "
-            "e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
-        )
+        raise RuntimeLimitError(f"{variable}={raw!r}: give {hint}")
     return int(raw)
+
+
+def max_runtime(environ: Mapping[str, str] | None = None) -> int | None:
+    """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
+    empty. Raises RuntimeLimitError on anything but a positive whole number of minutes."""
+    hint = "the partition's MaxTime in whole minutes, e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
+    return _positive_int(MAX_RUNTIME_VARIABLE, hint, environ)
+
+
+def max_mem_mb(environ: Mapping[str, str] | None = None) -> int | None:
+    """The most memory one job may ask for, in MB, from DENOISEROTATOR_MAX_MEM_MB; None when unset
+    or empty. Raises RuntimeLimitError on anything but a positive whole number of MB."""
+    hint = "the memory of the partition's nodes in whole MB, e.g. 250000 (`sinfo -o '%P %m'` shows it)"
+    return _positive_int(MAX_MEM_VARIABLE, hint, environ)
 
 
 def _override(exp: Experiment, model: str, step: str, key: str) -> Any:
@@ -84,16 +96,33 @@ def gpus(exp: Experiment, model: str, step: str) -> int:
 
 
 def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
-    """Host memory in MB: weights × the stage's factor + calibration activations (prune) + 3 GB."""
+    """Host memory in MB: weights × the stage's factor + calibration activations (prune) + 3 GB,
+    × attempt, at most DENOISEROTATOR_MAX_MEM_MB. Raises RuntimeLimitError when the first
+    attempt's request is above that limit."""
+    request = _uncapped_mem_mb(exp, model, step) * attempt
+    limit = max_mem_mb()
+    if limit is None or request <= limit:
+        return request
+    if attempt == 1:
+        raise RuntimeLimitError(
+            f"the {step} job of {model} needs about {request} MB of host memory, more than a node's "
+            f"{limit} MB ({MAX_MEM_VARIABLE}): use a partition with larger nodes, hold the model in "
+            f"bfloat16 (the entry's `dtype`), or set a `resources: {{{step}: {{mem_mb: ...}}}}` "
+            f"override for {model} if the estimate is too high"
+        )
+    return limit  # a retry asks for what a node has
+
+
+def _uncapped_mem_mb(exp: Experiment, model: str, step: str) -> int:
     value = _override(exp, model, step, "mem_mb")
     if value:
-        return value * attempt
+        return int(value)
     entry = exp.models[model]
     weights_gb = entry["params_b"] * (4.0 if exp.model_dtype(model) == "float32" else 2.0)
     calib = exp.calibration
     activations_gb = calib.nsamples * calib.seqlen * 8192 * 4 * 3 / 1e9 if step == "prune" else 0.0
     factor = MEMORY_FACTOR.get(step, DEFAULT_MEMORY_FACTOR)
-    return int(1024 * (weights_gb * factor + min(activations_gb, 64.0) + 3.0)) * attempt
+    return int(1024 * (weights_gb * factor + min(activations_gb, 64.0) + 3.0))
 
 
 def runtime(
