@@ -248,7 +248,7 @@ def test_a_job_that_cannot_resume_is_refused_above_the_limit(
     monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
     finetune = costs.runtime(paper, "llama3-70b", "finetune")
     monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, str(finetune - 1))
-    with pytest.raises(costs.RuntimeLimitError, match=r"finetune job of llama3-70b .* lower lora\.steps"):
+    with pytest.raises(costs.ResourceLimitError, match=r"finetune job of llama3-70b .* lower lora\.steps"):
         costs.runtime(paper, "llama3-70b", "finetune")
     # its first attempt fits: a retry asks for the limit instead of twice the estimate
     monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, str(finetune + 1))
@@ -258,7 +258,7 @@ def test_a_job_that_cannot_resume_is_refused_above_the_limit(
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "2-00:00:00", "48h"])
 def test_a_malformed_limit_is_named(value: str, monkeypatch: pytest.MonkeyPatch, paper: Experiment) -> None:
     monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, value)
-    with pytest.raises(costs.RuntimeLimitError, match=r"DENOISEROTATOR_MAX_RUNTIME=.*whole minutes"):
+    with pytest.raises(costs.ResourceLimitError, match=r"DENOISEROTATOR_MAX_RUNTIME=.*whole minutes"):
         costs.runtime(paper, "llama3-8b", "prune")
 
 
@@ -297,7 +297,7 @@ def test_prune_attempts_cover_the_work_lost_at_each_restart(
         # the model's count is the replay's or (conservatively) one more, never fewer
         assert costs.prune_attempts(paper, model, True, variant, limit) in (replay(limit), replay(limit) + 1)
     assert costs.prune_attempts(paper, model, True, variant, total) == 1
-    with pytest.raises(costs.RuntimeLimitError, match="less than one layer"):
+    with pytest.raises(costs.ResourceLimitError, match="less than one layer"):
         costs.prune_attempts(paper, model, True, variant, int(fixed) + 10)
 
 
@@ -308,7 +308,7 @@ def test_too_few_retries_for_the_attempts_are_refused(
     variant = "sparsegpt_50pct_dr-00000000"
     attempts = costs.prune_attempts(paper, "llama3-70b", True, variant)
     assert attempts > 2
-    with pytest.raises(costs.RuntimeLimitError, match=rf"--retries {attempts - 1}"):
+    with pytest.raises(costs.ResourceLimitError, match=rf"--retries {attempts - 1}"):
         costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=1)
     costs.check_prune_retries(paper, "llama3-70b", True, variant, retries=attempts - 1)
     costs.check_prune_retries(paper, "llama3-8b", True, variant, retries=0)
@@ -328,9 +328,9 @@ def test_memory_requests_stay_within_a_nodes_memory(
     assert costs.mem_mb(paper, "llama3-70b", "prune") == prune
     assert costs.mem_mb(paper, "llama3-70b", "prune", attempt=2) == 250_000
     with pytest.raises(
-        costs.RuntimeLimitError, match=r"finetune job of llama3-70b needs about \d+ MB .* 250000 MB"
+        costs.ResourceLimitError, match=r"finetune job of llama3-70b needs about \d+ MB .* 250000 MB"
     ):
         costs.mem_mb(paper, "llama3-70b", "finetune")
     monkeypatch.setenv(costs.MAX_MEM_VARIABLE, "250GB")
-    with pytest.raises(costs.RuntimeLimitError, match=r"DENOISEROTATOR_MAX_MEM_MB='250GB'.*whole MB"):
+    with pytest.raises(costs.ResourceLimitError, match=r"DENOISEROTATOR_MAX_MEM_MB='250GB'.*whole MB"):
         costs.mem_mb(paper, "llama3-8b", "prune")

@@ -45,8 +45,9 @@ MAX_MEM_VARIABLE = "DENOISEROTATOR_MAX_MEM_MB"  # MB: the memory a job may ask o
 RESUMABLE_STEPS = frozenset({"prune"})  # resume after their last layer checkpoint when rerun
 
 
-class RuntimeLimitError(ValueError):
-    """A job's time request cannot fit the partition's limit (DENOISEROTATOR_MAX_RUNTIME)."""
+class ResourceLimitError(ValueError):
+    """A job's request cannot fit the cluster's limits (DENOISEROTATOR_MAX_RUNTIME,
+    DENOISEROTATOR_MAX_MEM_MB), or a limit is malformed."""
 
 
 def _positive_int(variable: str, hint: str, environ: Mapping[str, str] | None) -> int | None:
@@ -54,20 +55,20 @@ def _positive_int(variable: str, hint: str, environ: Mapping[str, str] | None) -
     if not raw:
         return None
     if not raw.isdigit() or int(raw) <= 0:
-        raise RuntimeLimitError(f"{variable}={raw!r}: give {hint}")
+        raise ResourceLimitError(f"{variable}={raw!r}: give {hint}")
     return int(raw)
 
 
 def max_runtime(environ: Mapping[str, str] | None = None) -> int | None:
     """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
-    empty. Raises RuntimeLimitError on anything but a positive whole number of minutes."""
+    empty. Raises ResourceLimitError on anything but a positive whole number of minutes."""
     hint = "the partition's MaxTime in whole minutes, e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
     return _positive_int(MAX_RUNTIME_VARIABLE, hint, environ)
 
 
 def max_mem_mb(environ: Mapping[str, str] | None = None) -> int | None:
     """The most memory one job may ask for, in MB, from DENOISEROTATOR_MAX_MEM_MB; None when unset
-    or empty. Raises RuntimeLimitError on anything but a positive whole number of MB."""
+    or empty. Raises ResourceLimitError on anything but a positive whole number of MB."""
     hint = "the memory of the partition's nodes in whole MB, e.g. 250000 (`sinfo -o '%P %m'` shows it)"
     return _positive_int(MAX_MEM_VARIABLE, hint, environ)
 
@@ -97,14 +98,14 @@ def gpus(exp: Experiment, model: str, step: str) -> int:
 
 def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
     """Host memory in MB: weights × the stage's factor + calibration activations (prune) + 3 GB,
-    × attempt, at most DENOISEROTATOR_MAX_MEM_MB. Raises RuntimeLimitError when the first
+    × attempt, at most DENOISEROTATOR_MAX_MEM_MB. Raises ResourceLimitError when the first
     attempt's request is above that limit."""
     request = _uncapped_mem_mb(exp, model, step) * attempt
     limit = max_mem_mb()
     if limit is None or request <= limit:
         return request
     if attempt == 1:
-        raise RuntimeLimitError(
+        raise ResourceLimitError(
             f"the {step} job of {model} needs about {request} MB of host memory, more than a node's "
             f"{limit} MB ({MAX_MEM_VARIABLE}): use a partition with larger nodes, hold the model in "
             f"bfloat16 (the entry's `dtype`), or set a `resources: {{{step}: {{mem_mb: ...}}}}` "
@@ -138,7 +139,9 @@ def runtime(
     paper's rotation time for rotated rows) or LoRA steps (finetune); × CPU_SLOWDOWN without a GPU
     (on the fixed part; the modelled part uses the CPU's rate). `variant`: the prune job's folder
     name (pruner, pattern), e.g. "sparsegpt_2-4_dr-1a2b3c4d"; without it SparseGPT, unstructured
-    (the most expensive) is assumed."""
+    (the most expensive) is assumed. At most DENOISEROTATOR_MAX_RUNTIME: a longer prune job asks
+    for the limit (it resumes, `prune_attempts`); other steps raise ResourceLimitError when their
+    first attempt does not fit."""
     request = _uncapped_runtime(exp, model, step, rotated, variant) * attempt
     limit = max_runtime()
     if limit is None or request <= limit:
@@ -146,7 +149,7 @@ def runtime(
     if step in RESUMABLE_STEPS:
         return limit
     if attempt == 1:
-        raise RuntimeLimitError(
+        raise ResourceLimitError(
             f"the {step} job of {model} needs about {request} min, more than the partition's "
             f"{limit} min ({MAX_RUNTIME_VARIABLE}), and cannot resume after a time-out: "
             + ("lower lora.steps, " if step == "finetune" else "")
@@ -159,13 +162,13 @@ def runtime(
 def check_prune_retries(
     exp: Experiment, model: str, rotated: bool, variant: str | None, retries: int
 ) -> None:
-    """Raise RuntimeLimitError when the prune job needs more attempts at the partition's limit
+    """Raise ResourceLimitError when the prune job needs more attempts at the partition's limit
     (`prune_attempts`) than Snakemake's `retries` (the profile's restart-times) allow, so that the
     plan fails now instead of the job after days on the cluster."""
     attempts = prune_attempts(exp, model, rotated, variant)
     if attempts > retries + 1:
         limit = max_runtime()
-        raise RuntimeLimitError(
+        raise ResourceLimitError(
             f"the prune job of {model} ({variant}) needs about "
             f"{_uncapped_runtime(exp, model, 'prune', rotated, variant)} min: {attempts} attempts of "
             f"{limit} min ({MAX_RUNTIME_VARIABLE}), each resuming after its last layer checkpoint, "
@@ -205,7 +208,7 @@ def prune_attempts(
     job needs, each resuming after the last layer checkpoint. Every attempt pays the fixed loading
     and saving time again and can lose the work since the last checkpoint: at most
     `compute.checkpoint_every_layers` layers, or `compute.checkpoint_every_minutes` plus one layer.
-    1 without a limit. Raises RuntimeLimitError when an attempt of `limit` minutes cannot finish a
+    1 without a limit. Raises ResourceLimitError when an attempt of `limit` minutes cannot finish a
     single layer."""
     limit = max_runtime() if limit is None else limit
     total = _uncapped_runtime(exp, model, "prune", rotated, variant)
@@ -221,7 +224,7 @@ def prune_attempts(
     lost = min(settings.checkpoint_every_layers * per_layer, settings.checkpoint_every_minutes + per_layer)
     progress = limit - fixed - lost
     if progress < per_layer:
-        raise RuntimeLimitError(
+        raise ResourceLimitError(
             f"the prune job of {model} needs about {total} min; an attempt of {limit} min "
             f"({MAX_RUNTIME_VARIABLE}) spends {fixed:.0f} min loading and saving and may lose "
             f"{lost:.0f} min since its last checkpoint, leaving less than one layer ({per_layer:.0f} min): "
