@@ -50,8 +50,8 @@ class ResourceLimitError(ValueError):
     DENOISEROTATOR_MAX_MEM_MB), or a limit is malformed."""
 
 
-def _positive_int(variable: str, hint: str, environ: Mapping[str, str] | None) -> int | None:
-    raw = (os.environ if environ is None else environ).get(variable, "").strip()
+def _positive_int(variable: str, hint: str) -> int | None:
+    raw = os.environ.get(variable, "").strip()
     if not raw:
         return None
     if not raw.isdigit() or int(raw) <= 0:
@@ -59,18 +59,28 @@ def _positive_int(variable: str, hint: str, environ: Mapping[str, str] | None) -
     return int(raw)
 
 
-def max_runtime(environ: Mapping[str, str] | None = None) -> int | None:
+def max_runtime() -> int | None:
     """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
     empty. Raises ResourceLimitError on anything but a positive whole number of minutes."""
     hint = "the partition's MaxTime in whole minutes, e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
-    return _positive_int(MAX_RUNTIME_VARIABLE, hint, environ)
+    return _positive_int(MAX_RUNTIME_VARIABLE, hint)
 
 
-def max_mem_mb(environ: Mapping[str, str] | None = None) -> int | None:
+def max_mem_mb() -> int | None:
     """The most memory one job may ask for, in MB, from DENOISEROTATOR_MAX_MEM_MB; None when unset
     or empty. Raises ResourceLimitError on anything but a positive whole number of MB."""
     hint = "the memory of the partition's nodes in whole MB, e.g. 250000 (`sinfo -o '%P %m'` shows it)"
-    return _positive_int(MAX_MEM_VARIABLE, hint, environ)
+    return _positive_int(MAX_MEM_VARIABLE, hint)
+
+
+def _within_limit(request: int, limit: int | None, attempt: int, resumable: bool, refusal: str) -> int:
+    """`request`, at most `limit`: a resumable job and any retry ask for the limit instead; the
+    first attempt of another job above it raises ResourceLimitError(`refusal`)."""
+    if limit is None or request <= limit:
+        return request
+    if resumable or attempt > 1:
+        return limit
+    raise ResourceLimitError(refusal)
 
 
 def _override(exp: Experiment, model: str, step: str, key: str) -> Any:
@@ -102,16 +112,13 @@ def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
     attempt's request is above that limit."""
     request = _uncapped_mem_mb(exp, model, step) * attempt
     limit = max_mem_mb()
-    if limit is None or request <= limit:
-        return request
-    if attempt == 1:
-        raise ResourceLimitError(
-            f"the {step} job of {model} needs about {request} MB of host memory, more than a node's "
-            f"{limit} MB ({MAX_MEM_VARIABLE}): use a partition with larger nodes, hold the model in "
-            f"bfloat16 (the entry's `dtype`), or set a `resources: {{{step}: {{mem_mb: ...}}}}` "
-            f"override for {model} if the estimate is too high"
-        )
-    return limit  # a retry asks for what a node has
+    refusal = (
+        f"the {step} job of {model} needs about {request} MB of host memory, more than a node's "
+        f"{limit} MB ({MAX_MEM_VARIABLE}): use a partition with larger nodes, hold the model in "
+        f"bfloat16 (the entry's `dtype`), or set a `resources: {{{step}: {{mem_mb: ...}}}}` "
+        f"override for {model} if the estimate is too high"
+    )
+    return _within_limit(request, limit, attempt, resumable=False, refusal=refusal)
 
 
 def _uncapped_mem_mb(exp: Experiment, model: str, step: str) -> int:
@@ -144,19 +151,14 @@ def runtime(
     first attempt does not fit."""
     request = _uncapped_runtime(exp, model, step, rotated, variant) * attempt
     limit = max_runtime()
-    if limit is None or request <= limit:
-        return request
-    if step in RESUMABLE_STEPS:
-        return limit
-    if attempt == 1:
-        raise ResourceLimitError(
-            f"the {step} job of {model} needs about {request} min, more than the partition's "
-            f"{limit} min ({MAX_RUNTIME_VARIABLE}), and cannot resume after a time-out: "
-            + ("lower lora.steps, " if step == "finetune" else "")
-            + f"set a `resources: {{{step}: {{runtime: ...}}}}` override for {model} if the estimate "
-            f"is too high, or use a partition with a longer limit"
-        )
-    return limit  # a retry asks for what the partition allows
+    refusal = (
+        f"the {step} job of {model} needs about {request} min, more than the partition's "
+        f"{limit} min ({MAX_RUNTIME_VARIABLE}), and cannot resume after a time-out: "
+        + ("lower lora.steps, " if step == "finetune" else "")
+        + f"set a `resources: {{{step}: {{runtime: ...}}}}` override for {model} if the estimate "
+        "is too high, or use a partition with a longer limit"
+    )
+    return _within_limit(request, limit, attempt, step in RESUMABLE_STEPS, refusal)
 
 
 def check_prune_retries(
@@ -173,8 +175,8 @@ def check_prune_retries(
             f"{_uncapped_runtime(exp, model, 'prune', rotated, variant)} min: {attempts} attempts of "
             f"{limit} min ({MAX_RUNTIME_VARIABLE}), each resuming after its last layer checkpoint, "
             f"but Snakemake retries a job only {retries} time(s): add `--retries {attempts - 1}` "
-            "(the slurm profile's restart-times is 1), use a partition with a longer limit, or "
-            "lower rotation.steps"
+            "(the slurm profile's restart-times), use a partition with a longer limit, or lower "
+            "rotation.steps"
         )
 
 

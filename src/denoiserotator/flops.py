@@ -280,7 +280,7 @@ def gram_accumulation(
 ) -> Work:
     """`gram.GramAccumulator.add` for linears with inputs of the given widths: 2 · tokens · width²
     each (fp32 on a GPU, fp64 on the CPU). Every hooked linear has its own accumulator, even
-    when linears share their input. `diagonal` (`GramDiagonalAccumulator`, Wanda): square and
+    when linears share their input. `diagonal` (Wanda's accumulators): square and
     sum, 2 · tokens · width, elementwise, so not what FlopCounterMode counts."""
     if diagonal:
         return _mm(sum(2 * tokens * width for width in widths), precision, counted=False)

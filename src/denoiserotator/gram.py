@@ -11,31 +11,21 @@ from torch import nn
 
 
 class GramAccumulator:
-    """Sums xᵀx over every token a linear sees. float64 on CPU (cheap there), float32 on GPU."""
+    """Sums xᵀx over every token a linear sees, (in, in); with `diagonal`, only its diagonal Σ x²
+    (in,), the squared input column norms. float64 on CPU (cheap there), float32 on GPU."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
+    def __init__(self, features: int, device: torch.device, diagonal: bool = False) -> None:
         dtype = torch.float64 if device.type == "cpu" else torch.float32
-        self.gram = torch.zeros(features, features, dtype=dtype, device=device)
+        shape = (features,) if diagonal else (features, features)
+        self.gram = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         flat = inputs.reshape(-1, inputs.shape[-1]).to(self.gram.dtype)
-        self.gram.addmm_(flat.T, flat)
-        self.tokens += flat.shape[0]
-
-
-class GramDiagonalAccumulator(GramAccumulator):
-    """Sums x² over every token: `gram` is the Gram matrix's diagonal (in,), the squared input
-    column norms, in the precision GramAccumulator would use."""
-
-    def __init__(self, features: int, device: torch.device) -> None:
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
-        self.gram = torch.zeros(features, dtype=dtype, device=device)
-        self.tokens = 0
-
-    def add(self, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).to(self.gram.dtype)
-        self.gram.add_(flat.square().sum(dim=0))
+        if self.gram.dim() == 1:
+            self.gram.add_(flat.square().sum(dim=0))
+        else:
+            self.gram.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
 
 
@@ -47,9 +37,8 @@ def collect_grams(
     (in, in), or with `diagonal` only to its diagonal (in,)."""
     accumulators: dict[str, GramAccumulator] = {}
     handles = []
-    kind = GramDiagonalAccumulator if diagonal else GramAccumulator
     for name, linear in linears.items():
-        accumulator = kind(linear.in_features, linear.weight.device)
+        accumulator = GramAccumulator(linear.in_features, linear.weight.device, diagonal)
         accumulators[name] = accumulator
 
         def hook(
