@@ -40,9 +40,9 @@ Quick study (10–30 minutes on one core, depending on the machine's load):
         --modes plain fold rotate:100 --out bench/results/magnitude_study.json
 
 The equal-settings grid against the reference recipe (README; 3 calibration seeds, Wanda and
-SparseGPT at 50 % and 2:4, whole model, perplexity on 64 × 512 held-out tokens; one core:
-≈ 4.5 min per plain run, ≈ 10 min per rotated run; `bench/gap_table.py` turns the JSON into
-the table):
+SparseGPT at 50 % and 2:4, whole model, perplexity on 64 × 512 held-out tokens; one core per
+run, run times in the README and in each run's `seconds`; `bench/gap_table.py` turns the JSON
+into the table):
 
     PYTHONPATH=src python bench/magnitude_study.py --layers 0 --nsamples 32 --seqlen 512 \
         --eval-windows 64 --skip-local-err --seeds 0 1 2 --pruners wanda sparsegpt \
