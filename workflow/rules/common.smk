@@ -120,7 +120,9 @@ def get_runtime(step: str):
     def runtime(wildcards, attempt) -> int:
         rotated = step == "prune" and not wildcards.variant.endswith("_none")
         variant = wildcards.variant if step == "prune" else None
-        if step == "prune" and attempt == 1:
+        # planning only: a spawned job re-evaluates resources with `--retries 0 --attempt 1`,
+        # where the check could only kill a job that the plan already allowed
+        if step == "prune" and attempt == 1 and workflow.is_main_process:
             costs.check_prune_retries(EXP, _model_of(wildcards), rotated, variant, _retries())
         return costs.runtime(EXP, _model_of(wildcards), step, rotated, attempt, variant=variant)
     return runtime
