@@ -318,6 +318,95 @@ def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, c
     assert "resuming" not in caplog.text
 
 
+def _interrupted_run(tmp_path, monkeypatch, settings: PruneSettings, family: str = "llama"):
+    """Run 3 layers, die inside layer 2 (layers 0 and 1 checkpointed); the calibration ids."""
+    import denoiserotator.pipeline as pipeline
+
+    ids = calibration(tiny_model(family, num_layers=3))
+    real_run_layer = pipeline.run_layer
+    calls = {"n": 0}
+
+    def dying_run_layer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one call per layer: dies inside layer 2
+            raise RuntimeError("node failure")
+        return real_run_layer(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "run_layer", dying_run_layer)
+        with pytest.raises(RuntimeError, match="node failure"):
+            run_pipeline(
+                tiny_model(family, num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+            )
+    assert (tmp_path / "layer-0001.pt").exists()
+    return ids
+
+
+def test_a_checkpoint_written_before_a_change_to_the_numerics_is_not_resumed(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """The key hashes the numerics sources, not a version string that no layer-changing commit
+    bumped: after an edit to one (here rotation/train.py, in a copy of the package), the job starts
+    over; an edit to a planning module (tables.py) keeps the checkpoint."""
+    import logging
+    import shutil
+
+    from denoiserotator import fingerprint
+
+    package = tmp_path / "package"
+    shutil.copytree(fingerprint.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", package)
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=3), compute=EVERY_LAYER
+    )
+    checkpoints = tmp_path / "checkpoints"
+    ids = _interrupted_run(checkpoints, monkeypatch, settings)
+
+    with open(package / "tables.py", "a") as handle:
+        handle.write("\n# a change to the report only\n")
+    with caplog.at_level(logging.INFO):
+        fingerprint.code_digest()  # the planning edit: same digest
+        assert "discarding" not in caplog.text
+    before = fingerprint.code_digest()
+    with open(package / "rotation" / "train.py", "a") as handle:
+        handle.write("\n# a change to the numerics\n")
+    assert fingerprint.code_digest() != before
+    with caplog.at_level(logging.INFO):
+        fresh = run_pipeline(
+            tiny_model("llama", num_layers=3), ids, settings, progress=False, checkpoint_dir=checkpoints
+        )
+    assert "discarding the layer checkpoint" in caplog.text and "resuming" not in caplog.text
+    assert len(fresh.layer_stats) == 3
+
+
+def test_changing_threads_or_evaluation_settings_keeps_a_checkpoint_resumable(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """Threads, GPU counts and the evaluation settings cannot change a layer: a job resubmitted with
+    other values resumes (and equals an uninterrupted run); the compute dtype still starts over."""
+    import logging
+    from dataclasses import replace
+
+    settings = PruneSettings(
+        pruner="wanda", pattern="50%", rotation=RotationSettings(steps=3), compute=EVERY_LAYER
+    )
+    ids = _interrupted_run(tmp_path, monkeypatch, settings)
+    reference = run_pipeline(tiny_model("llama", num_layers=3), ids, settings, progress=False)
+    edited = replace(
+        settings,
+        compute=replace(EVERY_LAYER, threads=3, gpus=4, eval_batch_size=7, eval_mode="layerwise"),
+    )
+    assert edited.checkpoint_identity() == settings.checkpoint_identity()
+    with caplog.at_level(logging.INFO):
+        resumed = run_pipeline(
+            tiny_model("llama", num_layers=3), ids, edited, progress=False, checkpoint_dir=tmp_path
+        )
+    assert "discarding" not in caplog.text
+    _assert_same_run(reference, resumed)
+    other_dtype = replace(settings, compute=replace(EVERY_LAYER, dtype="bfloat16"))
+    assert other_dtype.checkpoint_identity() != settings.checkpoint_identity()
+
+
 def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.LogCaptureFixture) -> None:
     """A long job's log says where it is: layer i/L, loss start → best with the relative drop,
     steps, sparsity, seconds, and the estimated time left (none after the last layer)."""

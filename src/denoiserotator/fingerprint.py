@@ -1,9 +1,10 @@
 """What identifies a run, for its per-layer checkpoints: a checkpoint resumes only its own run.
 
 The key hashes everything that determines the result of the layer-by-layer procedure:
-the source model (`model_fingerprint`), the package and library versions, the settings and
-the calibration token ids. A checkpoint with any other key is discarded (`discard_checkpoint`)
-with a log line, never resumed.
+the source model (`model_fingerprint`), the code that computes a layer (`code_digest`: the
+package's numerics sources, byte for byte, and the torch and transformers versions), the settings
+that change a layer (`PruneSettings.checkpoint_identity`) and the calibration token ids. A
+checkpoint with any other key is discarded (`discard_checkpoint`) with a log line, never resumed.
 
 The model fingerprint is cheap for 70B-class models: the config, every tensor's name, shape and
 dtype, small tensors (norms, biases) in full, and a fixed pseudo-random sample of
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from torch import nn
 __all__ = [
     "SAMPLES_PER_TENSOR",
     "checkpoint_key",
+    "code_digest",
     "discard_checkpoint",
     "model_fingerprint",
-    "versions",
+    "numerics_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,25 +68,52 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    """Versions of the code that computes a layer: this package, torch, transformers."""
+# Modules of the package that plan, report or evaluate, and cannot change a layer of the prune
+# stage: an edit to them keeps a long job's checkpoints. Everything else (adapters, pruners,
+# rotation, the engine, the pipeline, precision, export, ...) is hashed, so that a checkpoint
+# written before a change to the numerics is never resumed after it (a version string is not
+# bumped by such changes).
+NON_NUMERICS_MODULES = frozenset({
+    "__init__.py", "assets.py", "calibrate.py", "config_scope.py", "costs.py", "experiment.py",
+    "finetune.py", "flops.py", "jsonio.py", "logs.py", "tables.py", "testing.py", "uncertainty.py",
+    "evaluate",
+})  # fmt: skip
+
+
+# the installed copy (site-packages, or the source tree of an editable install)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def numerics_sources(package: Path | None = None) -> list[Path]:
+    """The `.py` files of `package` (default: PACKAGE_DIR) that take part in computing a layer,
+    sorted."""
+    package = PACKAGE_DIR if package is None else package
+    return sorted(
+        path
+        for path in package.rglob("*.py")
+        if path.relative_to(package).parts[0] not in NON_NUMERICS_MODULES and "__pycache__" not in path.parts
+    )
+
+
+def code_digest(package: Path | None = None) -> str:
+    """A hex digest of the code that computes a layer: every numerics source of `package` (default:
+    PACKAGE_DIR; path and bytes) and the torch and transformers versions."""
     import transformers
 
-    from . import __version__
+    package = PACKAGE_DIR if package is None else package
+    digest = hashlib.sha256(f"torch {torch.__version__}|transformers {transformers.__version__}|".encode())
+    for path in numerics_sources(package):
+        digest.update(f"{path.relative_to(package).as_posix()}|".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
-    return {
-        "denoiserotator": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
-
-def checkpoint_key(settings: Any, input_ids: torch.Tensor, fingerprint: str) -> str:
-    """Key of one run: settings, calibration ids, source model fingerprint and code versions."""
-    settings_data = asdict(settings) if is_dataclass(settings) else dict(vars(settings))
+def checkpoint_key(identity: dict[str, Any], input_ids: torch.Tensor, fingerprint: str) -> str:
+    """Key of one run: the settings that change a layer (`identity`, JSON-ready), the calibration
+    ids, the source model's fingerprint and the code's digest (`code_digest`)."""
     digest = hashlib.sha256(
         json.dumps(
-            {"settings": settings_data, "model": fingerprint, "versions": versions()},
+            {"settings": identity, "model": fingerprint, "code": code_digest()},
             sort_keys=True,
             default=str,
         ).encode()
@@ -101,7 +129,7 @@ def discard_checkpoint(folder: Path, found_key: str | None, key: str) -> None:
     folder = Path(folder)
     log.warning(
         "discarding the layer checkpoint in %s: it was written by another run (key %s, this run %s: "
-        "a different source model, settings, calibration or package version); starting from layer 0",
+        "a different source model, settings, calibration or code); starting from layer 0",
         folder,
         found_key,
         key,

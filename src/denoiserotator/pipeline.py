@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,25 @@ class PruneSettings:
     @property
     def loss_score(self) -> str | None:
         return None if self.rotation is None else self.rotation.score_for(self.pruner)
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a finished layer depends on, for the checkpoint key (`fingerprint.checkpoint_key`):
+        pruner, pattern, the rotation and pruning settings that enter output ids, and of `compute`
+        the dtype, the device type (CPU and CUDA kernels round differently) and
+        `prune_batch_size` (it sets the order in which the Grams are summed). Left out: threads,
+        GPU counts, evaluation settings and the checkpoint cadence, which cannot change a layer,
+        so that editing one keeps a long job's progress."""
+        return {
+            "pruner": self.pruner,
+            "pattern": self.pattern,
+            "rotation": None if self.rotation is None else self.rotation.identity(),
+            "pruning": self.pruning.identity(),
+            "compute": {
+                "dtype": self.compute.dtype,
+                "device_type": torch.device(self.compute.resolved_device()).type,
+                "prune_batch_size": self.compute.prune_batch_size,
+            },
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record of the job, stored with its outputs."""
@@ -401,12 +420,10 @@ def run_pipeline(
     inputs = capture_layer_inputs(adapter, input_ids, batch_size, device, dtype)
 
     compute = settings.compute
-    # How often checkpoints are written does not change what they hold: not part of their key.
-    keyed = replace(settings, compute=replace(compute, checkpoint_every_layers=0, checkpoint_every_minutes=0))
     checkpoint = (
         LayerCheckpoint(
             checkpoint_dir,
-            checkpoint_key(keyed, input_ids, model_fingerprint(model)),
+            checkpoint_key(settings.checkpoint_identity(), input_ids, model_fingerprint(model)),
             CheckpointPolicy(compute.checkpoint_every_layers, compute.checkpoint_every_minutes),
         )
         if checkpoint_dir
