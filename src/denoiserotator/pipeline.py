@@ -597,6 +597,12 @@ class LayerCheckpoint:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` through a temporary file; an interrupted save (SLURM's SIGTERM turned
+    into an exception, a full disk) removes its partial file, which can be GBs of activations."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
