@@ -39,7 +39,7 @@ Quick study (10–30 minutes on one core, depending on the machine's load):
         --pruners magnitude magnitude-row --patterns 50% \
         --modes plain fold rotate:100 --out bench/results/magnitude_study.json
 
-The equal-settings grid against the reference recipe (README; 3 calibration seeds, Wanda and
+The equal-settings grid against the reference recipe (docs/studies.md; 3 calibration seeds, Wanda and
 SparseGPT at 50 % and 2:4, whole model, perplexity on 64 × 512 held-out tokens; one core per
 run, run times in the README and in each run's `seconds`; `bench/gap_table.py` turns the JSON
 into the table):

@@ -199,7 +199,7 @@ def test_gpu_steps_are_the_rules_that_request_gpus() -> None:
 
 
 def test_readme_cluster_table_is_the_command_output() -> None:
-    """Claim: the README's resource table is what `python -m denoiserotator.costs table` prints for
+    """Claim: the cluster guide's resource table (docs/cluster.md) is what `python -m denoiserotator.costs table` prints for
     config/config.yaml (regenerate it with that command when the sizing changes)."""
     import contextlib
     import io
@@ -215,7 +215,7 @@ def test_readme_cluster_table_is_the_command_output() -> None:
         os.chdir(cwd)
     printed = buffer.getvalue()
     assert printed == costs.resource_table(Experiment(load("config.yaml")))  # same defaults as Snakemake's
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     start = readme.index("<!-- costs table: begin -->\n") + len("<!-- costs table: begin -->\n")
     end = readme.index("<!-- costs table: end -->")
     assert readme[start:end] == printed

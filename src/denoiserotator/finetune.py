@@ -252,7 +252,7 @@ def check_fits_one_gpu(weights_bytes: float, gpu_bytes: float, device: str) -> N
             f"LoRA fine-tuning holds the whole model on one GPU: {weights_bytes / 2**30:.1f} GiB of "
             f"weights + {reserve:g} GiB for training do not fit {device} "
             f"({gpu_bytes / 2**30:.1f} GiB). Multi-GPU LoRA is not implemented; leave this model out "
-            "of finetune.rows (README, \"Running on a cluster\")"
+            "of finetune.rows (docs/cluster.md)"
         )
 
 

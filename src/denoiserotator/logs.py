@@ -2,7 +2,7 @@
 
 Compute jobs (`log_to(..., offline=True)`) also switch the Hugging Face libraries offline: compute
 nodes often have no internet, and everything they read was fetched by a local rule into
-`resources/` (README, "Running on a cluster").
+`resources/` (docs/cluster.md).
 """
 
 from __future__ import annotations
