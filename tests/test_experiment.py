@@ -199,8 +199,9 @@ def test_gpu_steps_are_the_rules_that_request_gpus() -> None:
 
 
 def test_readme_cluster_table_is_the_command_output() -> None:
-    """Claim: the cluster guide's resource table (docs/cluster.md) is what `python -m denoiserotator.costs table` prints for
-    config/config.yaml (regenerate it with that command when the sizing changes)."""
+    """Claim: the cluster guide's resource table (docs/cluster.md) is what
+    `python -m denoiserotator.costs table` prints for config/config.yaml (regenerate it with that
+    command when the sizing changes)."""
     import contextlib
     import io
     import os

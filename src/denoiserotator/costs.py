@@ -346,7 +346,7 @@ def whole_model_on_gpu(exp: Experiment, step: str) -> bool:
     return step == "perplexity" and exp.compute.resolved_eval_mode(exp.compute.device) == "whole"
 
 
-# -- the cluster guide's table (docs/cluster.md) ------------------------------------------------------------------
+# -- the cluster guide's table (docs/cluster.md) -----------------------------------------------
 TABLE_STEPS: tuple[str, ...] = ("prune", "finetune", "perplexity", "zeroshot", "sparsity")
 GPU_STEPS: tuple[str, ...] = ("prune", "finetune", "perplexity", "zeroshot")  # rules with gpu=get_gpu(..)
 
