@@ -47,7 +47,7 @@ def _fake_slurm(bin_dir: Path) -> None:
         (bin_dir / name).chmod(0o755)
 
 
-def _rotated_70b_prune_job(workdir: Path) -> tuple[str, str, str]:
+def _rotated_70b_prune_job() -> tuple[str, str, str]:
     exp = costs.load_experiment(
         str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
     )
@@ -64,7 +64,7 @@ def test_a_spawned_prune_job_that_needs_resuming_attempts_reaches_the_prune_scri
         (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / name)
     (workdir / "slurm").symlink_to("profiles/slurm")
     _fake_slurm(tmp_path / "bin")
-    model, calib, variant = _rotated_70b_prune_job(workdir)
+    model, calib, variant = _rotated_70b_prune_job()
     (workdir / f"resources/models/{model}").mkdir(parents=True)
     (workdir / f"resources/models/{model}/config.json").write_text("{}")
     (workdir / f"results/calib/{model}").mkdir(parents=True)
@@ -89,7 +89,7 @@ def test_a_spawned_prune_job_that_needs_resuming_attempts_reaches_the_prune_scri
     planned = planner.communicate()[0]
     assert captured.exists(), planned[-4000:]
     args = captured.read_text().splitlines()
-    assert "2880" in args[args.index("-t") + 1 :][:1], args  # the attempt asks for the limit
+    assert args[args.index("-t") + 1] == "2880", args  # the attempt asks for the limit
     command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
     assert "--mode 'remote'" in command and "--retries 0" in command and "--attempt 1" in command
 
