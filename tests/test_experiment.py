@@ -234,11 +234,11 @@ def test_runtime_requests_are_capped_at_the_partitions_limit(
     monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
     whole = costs.runtime(paper, "llama3-70b", "prune", True, variant=variant)
     small = costs.runtime(paper, "llama3-8b", "prune", True, variant=variant)
-    assert small < 2880 < whole
-    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, "2880")
+    assert small < 2160 < whole
+    monkeypatch.setenv(costs.MAX_RUNTIME_VARIABLE, "2160")
     # resumable: at most the limit, on every attempt
-    assert costs.runtime(paper, "llama3-70b", "prune", True, variant=variant) == 2880
-    assert costs.runtime(paper, "llama3-70b", "prune", True, attempt=2, variant=variant) == 2880
+    assert costs.runtime(paper, "llama3-70b", "prune", True, variant=variant) == 2160
+    assert costs.runtime(paper, "llama3-70b", "prune", True, attempt=2, variant=variant) == 2160
     assert costs.runtime(paper, "llama3-8b", "prune", True, variant=variant) == small  # fits: unchanged
     assert costs.runtime(paper, "llama3-8b", "prune", True, attempt=2, variant=variant) == 2 * small
 

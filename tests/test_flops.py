@@ -59,6 +59,75 @@ def test_rotation_step_matmuls_equal_the_flop_counter(score: str, learn_r2: bool
     assert flops.rotation_step(SHAPE, score, learn_r2).matmul == counted(step)
 
 
+@pytest.mark.parametrize("optimizer", ["paper", "cayley", "lbfgs"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("learn_r2", [True, False])
+def test_rotation_training_counts_the_selected_optimizers_work(
+    optimizer: str, score: str, learn_r2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole `train_rotation` of a few steps with each optimizer, as the prune job runs it: the
+    cost model's matmuls equal the counter's (the default `cayley` must not be priced as `paper`).
+    The fused backward accumulates with in-place `addmm_`, which the counter misses: it is made
+    out of place here (same arithmetic)."""
+    from denoiserotator.rotation.train import train_rotation
+    from denoiserotator.settings import RotationSettings
+
+    generator = torch.Generator().manual_seed(1)
+    weights = {n: torch.randn(o, i, generator=generator) for n, (o, i) in SHAPE.linears().items()}
+    grams = {}
+    for name in ("q", "o", "gate", "down"):
+        x = torch.randn(100, SHAPE.linears()[name][1], generator=generator)
+        grams[name] = x.T @ x
+    problem = LayerProblem.from_layer(weights, grams, score, SHAPE.heads, SHAPE.kv_heads, SHAPE.head_dim)
+    steps = 3
+    # no stopping rule and no back-off: every step takes the path the model counts
+    settings = RotationSettings(
+        steps=steps, optimizer=optimizer, learn_r2=learn_r2, tol=0.0, backoff=0, rise_limit=1e9,
+        tangent_lr=1e-4, first_step=1e-4,
+    )
+    def addmm_out_of_place(self: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.copy_(torch.addmm(self, first, second))
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", addmm_out_of_place)
+    results = []
+    measured = counted(lambda: results.append(train_rotation(problem, settings, progress=False)))
+    assert results[0].steps == steps
+    if optimizer == "lbfgs":
+        assert results[0].evaluations == steps + 1  # no rejected line-search trial
+    modelled = flops.rotation_training(SHAPE, score, steps, learn_r2, optimizer=optimizer)
+    assert modelled.matmul == measured
+
+
+def test_the_default_optimizer_is_priced_at_its_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prune job's time request follows `rotation.optimizer`: the default `cayley` (fused loss,
+    no QR) is cheaper per step than `paper`, so pricing it as `paper` asked for far too long."""
+    monkeypatch.setenv(costs.GPU_MODEL_VARIABLE, "a100")
+    config = load("config.yaml")
+    exp = Experiment(config)
+    assert exp.rotation.optimizer == "cayley"
+    eight = flops.LayerShape.from_entry(exp.models["llama3-8b"])
+    assert eight is not None
+    paper = flops.rotation_training(eight, "wanda", 100, optimizer="paper")
+    cayley = flops.rotation_training(eight, "wanda", 100, optimizer="cayley")
+    assert paper.matmul > 1.2 * cayley.matmul
+    variant = "sparsegpt_50pct_dr-00000000"
+    as_paper = Experiment({**config, "rotation": {**config["rotation"], "optimizer": "paper"}})
+    assert costs.prune_work(exp, "llama3-70b", True, variant).total == pytest.approx(
+        costs.prune_work(as_paper, "llama3-70b", True, variant).total
+        - flops.LayerShape.from_entry(exp.models["llama3-70b"]).layers  # type: ignore[union-attr]
+        * (flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="paper").total
+           - flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="cayley").total)
+    )
+    assert costs.runtime(exp, "llama3-70b", "prune", True, variant=variant) < 0.8 * costs.runtime(
+        as_paper, "llama3-70b", "prune", True, variant=variant
+    )
+
+
+def _training_args(exp: Experiment, model: str) -> tuple:
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    return shape, "sparsegpt", exp.rotation.steps, exp.rotation.learn_r2, exp.rotation.loss_variant, "tf32"
+
+
 def test_layer_forward_and_gram_collection_equal_the_flop_counter(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model("llama", attn_implementation="eager")
     adapter = get_adapter(model)

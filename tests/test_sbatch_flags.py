@@ -157,24 +157,24 @@ def test_gpu_request_refuses_an_unknown_route() -> None:
 
 
 def test_time_requests_stay_within_the_partitions_limit() -> None:
-    """With DENOISEROTATOR_MAX_RUNTIME=2880 (a 2-day MaxTime) no sbatch line asks for more, although
-    the 70B rotate+prune jobs are modelled at over 60 h: they run as two resuming attempts, which
+    """With DENOISEROTATOR_MAX_RUNTIME=2160 (a 36 h MaxTime) no sbatch line asks for more, although
+    the 70B rotate+prune jobs are modelled at over 40 h: they run as two resuming attempts, which
     the profile's one retry allows. Without the limit those jobs ask for their whole estimate."""
     unlimited = [j for j in planned_jobs(None) if not j["local"]]
-    assert max(j["resources"]["runtime"] for j in unlimited) > 2880
-    jobs = [j for j in planned_jobs(None, DENOISEROTATOR_MAX_RUNTIME="2880") if not j["local"]]
+    assert max(j["resources"]["runtime"] for j in unlimited) > 2160
+    jobs = [j for j in planned_jobs(None, DENOISEROTATOR_MAX_RUNTIME="2160") if not j["local"]]
     assert len(jobs) == len(unlimited)
     for job in jobs:
         line = sbatch_line(job)
         minutes = int(re.search(r" -t (\d+)", line).group(1))  # type: ignore[union-attr]
-        assert minutes <= 2880, f"{job['rule']}: {line}"
-    assert sum(j["resources"]["runtime"] == 2880 for j in jobs) == sum(
-        j["resources"]["runtime"] > 2880 for j in unlimited
+        assert minutes <= 2160, f"{job['rule']}: {line}"
+    assert sum(j["resources"]["runtime"] == 2160 for j in jobs) == sum(
+        j["resources"]["runtime"] > 2160 for j in unlimited
     )
 
 
 def test_a_limit_needing_more_attempts_than_retries_fails_the_plan() -> None:
-    """At a 1-day limit the 70B rotate+prune jobs need four resuming attempts; with the profile's
+    """At a 1-day limit the 70B rotate+prune jobs need three resuming attempts; with the profile's
     one retry the plan stops, naming the job and the fix, before anything is submitted."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DENOISEROTATOR_")}
     environ.update(SLURM_ACCOUNT="acct", DENOISEROTATOR_MAX_RUNTIME="1440")
@@ -184,8 +184,8 @@ def test_a_limit_needing_more_attempts_than_retries_fails_the_plan() -> None:
     proc = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert re.search(r"prune job of (llama3-70b|qwen2.5-72b) .* 4 attempts of 1440 min", log), log[-3000:]
-    assert "--retries 3" in log
-    proc = subprocess.run([*command, "--retries", "3"], cwd=ROOT, env=environ, capture_output=True,
+    assert re.search(r"prune job of (llama3-70b|qwen2.5-72b) .* 3 attempts of 1440 min", log), log[-3000:]
+    assert "--retries 2" in log
+    proc = subprocess.run([*command, "--retries", "2"], cwd=ROOT, env=environ, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -2,7 +2,7 @@
 would run it (remote mode, `--retries 0 --attempt 1`, the limits exported), without SLURM.
 
 The planning process submits one rotated 70B prune job of the paper grid with
-DENOISEROTATOR_MAX_RUNTIME=2880 (a job that needs two resuming attempts) to a fake `sbatch` that
+DENOISEROTATOR_MAX_RUNTIME=2160 (a job that needs two resuming attempts) to a fake `sbatch` that
 records its arguments; the recorded `--wrap` command then runs with a fake `srun` that executes
 what it is given. The job must get past Snakemake's re-evaluation of the rule's resources and reach
 the prune script (whose log it opens), where loading the placeholder model fails; before the fix
@@ -74,7 +74,7 @@ def test_a_spawned_prune_job_that_needs_resuming_attempts_reaches_the_prune_scri
     env.update(
         PATH=os.pathsep.join([str(tmp_path / "bin"), str(Path(sys.executable).parent), env["PATH"]]),
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
-        CAPTURE_DIR=str(tmp_path), SLURM_ACCOUNT="acct", DENOISEROTATOR_MAX_RUNTIME="2880",
+        CAPTURE_DIR=str(tmp_path), SLURM_ACCOUNT="acct", DENOISEROTATOR_MAX_RUNTIME="2160",
     )  # fmt: skip
     target = f"results/models/{model}/{calib}/{variant}/stats.json"
     planner = subprocess.Popen(
@@ -89,7 +89,7 @@ def test_a_spawned_prune_job_that_needs_resuming_attempts_reaches_the_prune_scri
     planned = planner.communicate()[0]
     assert captured.exists(), planned[-4000:]
     args = captured.read_text().splitlines()
-    assert args[args.index("-t") + 1] == "2880", args  # the attempt asks for the limit
+    assert args[args.index("-t") + 1] == "2160", args  # the attempt asks for the limit
     command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
     assert "--mode 'remote'" in command and "--retries 0" in command and "--attempt 1" in command
 

@@ -275,6 +275,7 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
         compute=flops.precision_of(exp.model_dtype(model)),
         gram="fp32" if uses_gpu(exp) else "fp64",
         matmul="tf32" if uses_gpu(exp) and exp.rotation.matmul_precision == "high" else "fp32",
+        optimizer=exp.rotation.optimizer,
     )
 
 

@@ -186,6 +186,7 @@ def rotation_step(
     backward: bool = True,
     precision: str = ROTATION_MATMUL_PRECISION,
     statistic_precision: str = ROTATION_MATMUL_PRECISION,
+    with_qr: bool = True,
 ) -> Work:
     """One evaluation of `rotation.train.layer_loss` plus the QRs that make R1 and R2 (SPEC §3–4);
     with `backward`, its gradient too (one step of train_rotation; Adam and clipping are
@@ -194,7 +195,8 @@ def rotation_step(
 
     Backward of A·B costs one product per operand that needs a gradient: the frozen weights need
     none, so W·Q costs one more product, while (R2vᵀ·W_v)·Q and (Qᵀ·W_o)·R2o cost two.
-    Raises ValueError for an unknown score or precision.
+    `with_qr` False: without the QRs, as the `cayley` and `lbfgs` optimisers evaluate this loss
+    (reference variant) on orthogonal iterates. Raises ValueError for an unknown score or precision.
     """
     if score not in ("magnitude", "wanda", "sparsegpt"):
         raise ValueError(f"unknown score {score!r}")
@@ -218,8 +220,66 @@ def rotation_step(
         # the input of down is not rotated on its input side: its diagonal is read directly.
         statistic = 2 * d**3 * (1 + grad) * 2 + 2 * a**3 * (1 + r2_grad)
         work = work + _mm(statistic, statistic_precision)
-    work = work + qr(d, backward=backward, precision="fp32")
-    work = work + qr(shape.head_dim, batch=shape.kv_heads, backward=backward and learn_r2, precision="fp32")
+    if with_qr:
+        work = work + qr(d, backward=backward, precision="fp32")
+        r2_backward = backward and learn_r2
+        work = work + qr(shape.head_dim, batch=shape.kv_heads, backward=r2_backward, precision="fp32")
+    return work
+
+
+def fused_loss_step(
+    shape: LayerShape,
+    score: str,
+    learn_r2: bool = True,
+    backward: bool = True,
+    precision: str = ROTATION_MATMUL_PRECISION,
+) -> Work:
+    """One evaluation of `rotation.train.FusedLayerLoss` (the paper loss arranged for speed, what
+    the `cayley` and `lbfgs` optimisers evaluate), with its gradient when `backward`.
+
+    The five input-side weights are one stacked product W·Q; R2 acts per head (batched hd×hd
+    products); o and down share one Qᵀ·[W_o | W_down]; the score statistics need M·Q outside the
+    graph (no backward product) and the per-head H_o blocks · R2o. Raises ValueError for an
+    unknown score or precision.
+    """
+    if score not in ("magnitude", "wanda", "sparsegpt"):
+        raise ValueError(f"unknown score {score!r}")
+    d, a, kv, f = shape.hidden, shape.attn_width, shape.kv_width, shape.intermediate
+    heads, hd = shape.heads, shape.head_dim
+    grad = 1 if backward else 0
+    r2_grad = grad if learn_r2 else 0
+    products = [
+        (2 * (a + 2 * kv + 2 * f) * d * d, 1 + grad),  # [W_q; W_k; W_gate; W_up; W_v] · Q
+        (2 * kv * hd * d, 1 + grad + r2_grad),  # R2vᵀ · (W_v Q), per KV head
+        (2 * d * d * (a + f), 1 + grad),  # Qᵀ · [W_o | W_down]
+        (2 * heads * d * hd * hd, 1 + grad + r2_grad),  # (Qᵀ W_o) · R2o, per query head
+    ]
+    work = _mm(sum(flops * times for flops, times in products), precision)
+    if score != "magnitude":
+        # [M_attn; M_mlp] · Q without a graph, and diag(R2oᵀ H_o,h R2o) per query head
+        work = work + _mm(2 * 2 * d**3 + 2 * heads * hd**3 * (1 + r2_grad), precision)
+    return work
+
+
+def fused_loss_setup(shape: LayerShape, score: str) -> Work:
+    """`FusedLayerLoss.__init__`: for SparseGPT, UᵀU = H_λ⁻¹ of the attention and MLP inputs in
+    fp64 and the per-head diagonal blocks of H_λ⁻¹ for o in fp32; nothing for the other scores."""
+    if score != "sparsegpt":
+        return Work()
+    d, a, hd = shape.hidden, shape.attn_width, shape.head_dim
+    return _mm(2 * 2 * d**3, "fp64") + _mm(2 * shape.heads * hd * hd * a, "fp32")
+
+
+def body_frame_step(
+    shape: LayerShape, learn_r2: bool = True, precision: str = "fp32", retract: bool = True
+) -> Work:
+    """The `cayley`/`lbfgs` update after a gradient: the body-frame tangents Qᵀ·∇ (counted) and,
+    with `retract`, the Cayley retraction, one LU solve per matrix (≈ 8/3 n³, not counted)."""
+    d, hd, kv = shape.hidden, shape.head_dim, shape.kv_heads
+    sizes = [(d, 1)] + ([(hd, kv)] if learn_r2 else [])
+    work = _mm(sum(2 * batch * n**3 for n, batch in sizes), precision)
+    if retract:
+        work = work + _mm(sum(8 / 3 * batch * n**3 for n, batch in sizes), precision, counted=False)
     return work
 
 
@@ -239,6 +299,9 @@ def statistic_setup(shape: LayerShape, score: str, variant: str = "paper") -> Wo
     return _mm(sum(linears[name][1] ** 3 for name in loss_statistic_linears(variant)), "fp64", counted=False)
 
 
+OPTIMIZERS: tuple[str, ...] = ("paper", "cayley", "lbfgs")  # rotation.optimizer
+
+
 def rotation_training(
     shape: LayerShape,
     score: str,
@@ -246,16 +309,44 @@ def rotation_training(
     learn_r2: bool = True,
     variant: str = "paper",
     matmul: str = ROTATION_MATMUL_PRECISION,
+    optimizer: str = "paper",
 ) -> Work:
-    """`train_rotation` on one layer: `steps` steps plus the final evaluation (steps + 1 losses),
-    after `statistic_setup`. variant "reference" computes the fused products in bf16; `matmul`
-    is the precision of the other float32 products ("tf32" or "fp32")."""
+    """`train_rotation` on one layer with `optimizer`: `steps` steps plus the final evaluation
+    (steps + 1 losses), after `statistic_setup`. variant "reference" computes the fused products
+    in bf16; `matmul` is the precision of the other float32 products ("tf32" or "fp32").
+
+    - "paper": Adam behind QR on `layer_loss` (`rotation_step`);
+    - "cayley": `FusedLayerLoss` (paper variant; `layer_loss` without QR for "reference") and the
+      body-frame update in fp32 (`body_frame_step`);
+    - "lbfgs": the same loss, the update in fp64, one evaluation per step plus the identity's (a
+      rejected line-search trial costs one more forward, which the job's margin covers).
+    Raises ValueError for an unknown optimizer.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
     precision = REFERENCE_LOSS_PRECISION if variant == "reference" else matmul
-    step = rotation_step(shape, score, learn_r2, precision=precision, statistic_precision=matmul)
-    last = rotation_step(
-        shape, score, learn_r2, backward=False, precision=precision, statistic_precision=matmul
-    )
-    return statistic_setup(shape, score, variant) + step * steps + last
+    setup = statistic_setup(shape, score, variant)
+    if optimizer == "paper":
+        step = rotation_step(shape, score, learn_r2, precision=precision, statistic_precision=matmul)
+        last = rotation_step(
+            shape, score, learn_r2, backward=False, precision=precision, statistic_precision=matmul
+        )
+        return setup + step * steps + last
+    if variant == "paper":
+        setup = setup + fused_loss_setup(shape, score)
+
+        def loss(backward: bool) -> Work:
+            return fused_loss_step(shape, score, learn_r2, backward, precision)
+    else:
+
+        def loss(backward: bool) -> Work:
+            return rotation_step(shape, score, learn_r2, backward, precision, matmul, with_qr=False)
+
+    if optimizer == "cayley":
+        return setup + (loss(True) + body_frame_step(shape, learn_r2)) * steps + loss(False)
+    # lbfgs: the identity's loss and tangent first, then one accepted trial per step
+    first = loss(True) + body_frame_step(shape, learn_r2, "fp64", retract=False)
+    return setup + first + (loss(True) + body_frame_step(shape, learn_r2, "fp64")) * steps
 
 
 # The order in which a decoder layer's forward runs its linears and attention products.
@@ -355,6 +446,7 @@ def prune_job(
     compute: str = "fp32",
     gram: str = "fp32",
     matmul: str = ROTATION_MATMUL_PRECISION,
+    optimizer: str = "paper",
 ) -> Work:
     """One rotate+prune job (`pipeline.run_pipeline`, SPEC §5) over all layers.
 
@@ -366,7 +458,8 @@ def prune_job(
     its linears; then one forward to
     propagate the outputs (plus the entry and exit rotations h·Q, h·Qᵀ of the unmerged layer).
     `tokens` = nsamples × seqlen; `compute` and
-    `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss.
+    `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss;
+    `optimizer`: `rotation.optimizer` (`rotation_training`).
     """
     d = shape.hidden
     linears = shape.linears()
@@ -377,7 +470,9 @@ def prune_job(
             needed = loss_statistic_linears(variant)
             watched = [name for name in linears if name not in needed]  # checked for inf/NaN
             per_layer = per_layer + input_statistics(shape, needed, tokens, seqlen, compute, gram, watched)
-        per_layer = per_layer + rotation_training(shape, rotation_score, steps, learn_r2, variant, matmul)
+        per_layer = per_layer + rotation_training(
+            shape, rotation_score, steps, learn_r2, variant, matmul, optimizer
+        )
         fuse = rotation_step(shape, "magnitude", backward=False)  # the same products, once, in fp64
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})
     if pruner != "none":
