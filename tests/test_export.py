@@ -17,6 +17,9 @@ from denoiserotator.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.export import (
     METADATA_FILE,
     LoadingError,
+    folder_loaded_bytes,
+    folder_parameter_count,
+    gpu_device_map,
     load_model,
     measured_sparsity,
     read_metadata,
@@ -454,3 +457,29 @@ def test_folder_sparsity_refuses_a_folder_without_a_layer(tmp_path: Path) -> Non
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LoadingError, match="up_proj"):
         folder_sparsity(folder)
+
+
+def test_loaded_bytes_count_the_boundaries_in_fp32(tmp_path: Path) -> None:
+    """A GPU request sized at parameters × 2 B for a bf16 model misses the boundary matrices, which
+    load in fp32: the folder's bytes are read per tensor in the dtype each one loads in."""
+    model, boundary, _ = rotated_equivalent("llama")
+    save_model(model, tiny_tokenizer(), tmp_path / "m", boundary=boundary)
+    loaded = load_model(tmp_path / "m", dtype=torch.bfloat16)[0]
+    in_memory = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert folder_loaded_bytes(tmp_path / "m", torch.bfloat16) == in_memory
+    assert in_memory > folder_parameter_count(tmp_path / "m") * 2  # what the old sizing counted
+    assert folder_loaded_bytes(tmp_path / "m", torch.float32) == folder_parameter_count(tmp_path / "m") * 4
+
+
+def test_a_device_map_that_would_offload_is_refused_before_loading(tmp_path: Path) -> None:
+    """accelerate puts what does not fit the GPUs on "cpu"/"disk", where a 70B evaluation runs
+    until its time limit: the map is planned on a meta model first and refused, naming the modules;
+    a map that fits keeps whole decoder layers on the GPUs, boundaries counted in fp32."""
+    model, boundary, _ = rotated_equivalent("llama")
+    save_model(model, tiny_tokenizer(), tmp_path / "m", boundary=boundary)
+    need = folder_loaded_bytes(tmp_path / "m", torch.bfloat16)
+    fits = gpu_device_map(tmp_path / "m", torch.bfloat16, {0: need, 1: need})
+    assert set(fits.values()) <= {0, 1}
+    assert not any(".self_attn" in name or ".mlp" in name for name in fits)  # layers are not split
+    with pytest.raises(RuntimeError, match=r"would not fit the 2 device\(s\) and go to \['(cpu|disk)'"):
+        gpu_device_map(tmp_path / "m", torch.bfloat16, {0: need // 4, 1: need // 4})

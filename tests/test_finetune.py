@@ -169,7 +169,7 @@ def test_a_model_too_large_for_one_gpu_fails_before_loading(tmp_path: Path, monk
 
     source = tmp_path / "pruned"
     save_model(tiny_model("llama"), tiny_tokenizer(), source)
-    weights = finetune.folder_parameter_count(source) * 4  # float32
+    weights = finetune.folder_loaded_bytes(source, torch.float32)
 
     def loading(*args, **kwargs):
         raise AssertionError("loaded")

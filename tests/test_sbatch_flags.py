@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from denoiserotator import costs
+from denoiserotator.experiment import Row
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command  # noqa: E402
@@ -77,8 +78,11 @@ def planned_jobs(config: str | None, **env: str) -> list[dict[str, Any]]:
         for item in line.group(1).split(", ") if line else []:
             key, _, value = item.partition("=")
             resources[key] = int(value) if value.isdigit() else value
+        found = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        wildcards = dict(item.partition("=")[::2] for item in found.group(1).split(", ")) if found else {}
         jobs.append({"rule": header.group(2), "local": header.group(2) in local_rules(),
-                     "threads": int(threads.group(1)) if threads else 1, "resources": resources})  # fmt: skip
+                     "threads": int(threads.group(1)) if threads else 1, "resources": resources,
+                     "wildcards": wildcards})  # fmt: skip
     assert jobs, log[-4000:]
     return jobs
 
@@ -134,19 +138,26 @@ def test_paper_grid_gpu_jobs_get_one_gpu_flag(env: dict[str, str], flag: str) ->
             n = int(re.search(r"--(?:gpus|gres)=\S*?(\d+)$", gpu_flags(line)[0]).group(1))
             assert gpu_flags(line) == [flag.format(n=n)], f"{job['rule']}: {line}"
             counts.setdefault(job["rule"], set()).add(n)
+            assert n == expected_gpus(job), f"{job['rule']} {job['wildcards']}: {line}"
             if "gres" in flag:
                 assert gpu_count == 0  # a gpu count as well would add --gpus
         else:
             assert gpu_flags(line) == [], f"{job['rule']}: {line}"
-    # each GPU job asks what costs.gpus sizes for its model (zero-shot of the 70B/72B/32B
-    # models: 2); no LoRA rows in the paper config, so no finetune job
+    # each GPU job asks what costs.gpus sizes for its row (zero-shot of the 32B and dense 70B/72B
+    # models: 2; rotated 70B/72B rows, with their fp32 boundaries: 3); no LoRA rows in the paper
+    # config, so no finetune job
+    assert set(counts) == GPU_RULES - {"finetune"} and counts["zeroshot"] == {1, 2, 3}
+
+
+def expected_gpus(job: dict[str, Any]) -> int:
     exp = costs.load_experiment(
         str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
     )
-    expected = {
-        rule: {costs.gpus(exp, model, rule) for model in exp.models} for rule in GPU_RULES - {"finetune"}
-    }
-    assert counts == expected and expected["zeroshot"] == {1, 2}
+    wildcards = job["wildcards"]
+    if "row" in wildcards:
+        row = Row.from_path(wildcards["row"])
+        return costs.gpus(exp, row.model, job["rule"], row.rotation == "denoise")
+    return costs.gpus(exp, wildcards["model"], job["rule"], not wildcards["variant"].endswith("_none"))
 
 
 def test_gpu_request_refuses_an_unknown_route() -> None:

@@ -95,15 +95,17 @@ def threads(exp: Experiment, model: str, step: str) -> int:
     return _override(exp, model, step, "threads") or exp.compute.threads
 
 
-def gpus(exp: Experiment, model: str, step: str) -> int:
+def gpus(exp: Experiment, model: str, step: str, rotated: bool = False) -> int:
     """GPUs of a rule step: the entry's override, else `compute.gpus`, raised for the steps that hold
-    the whole model on GPUs (`whole_model_on_gpu`) to `gpus_for_weights`; 0 for CPU-only configs."""
+    the whole model on GPUs (`whole_model_on_gpu`) to `gpus_for_weights` of what the row's folder
+    loads (`loaded_bytes`: a `rotated` row adds its fp32 boundary matrices); 0 for CPU-only
+    configs."""
     value = _override(exp, model, step, "gpu")
     if value is not None:
         return value
     if exp.compute.gpus == 0 or not whole_model_on_gpu(exp, step):
         return exp.compute.gpus
-    return max(exp.compute.gpus, gpus_for_weights(weights_bytes(exp, model)))
+    return max(exp.compute.gpus, gpus_for_weights(loaded_bytes(exp, model, rotated)))
 
 
 def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
@@ -333,6 +335,23 @@ def weights_bytes(exp: Experiment, model: str) -> float:
     return exp.models[model]["params_b"] * 1e9 * BYTES_PER_PARAMETER[exp.model_dtype(model)]
 
 
+def boundary_bytes(exp: Experiment, model: str) -> float:
+    """Bytes of a rotated folder's boundary matrices Q_{i-1}ᵀQ_i, one hidden × hidden matrix per
+    layer after the first, kept in fp32 in any model dtype (`export.loaded_itemsize`): 21 GB at
+    LLaMA-3-70B, 15 % of its bf16 weights. Without the entry's shape fields: params_b × 10⁹ / 3
+    bytes (a LLaMA-type decoder has ≈ 12 · layers · hidden² parameters)."""
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    if shape is None:
+        return exp.models[model]["params_b"] * 1e9 / 3
+    return (shape.layers - 1) * shape.hidden**2 * 4
+
+
+def loaded_bytes(exp: Experiment, model: str, rotated: bool) -> float:
+    """Bytes a row's saved folder takes on GPUs once loaded: `weights_bytes`, plus
+    `boundary_bytes` for a rotated row (what `export.folder_loaded_bytes` reads from the files)."""
+    return weights_bytes(exp, model) + (boundary_bytes(exp, model) if rotated else 0.0)
+
+
 def gpus_for_weights(weights: float, gpu_gib: float = GPU_MEMORY_GIB) -> int:
     """The fewest GPUs of `gpu_gib` GiB whose memory less `EVAL_GPU_RESERVE_GIB` each holds `weights`
     bytes (at least 1)."""
@@ -354,7 +373,8 @@ GPU_STEPS: tuple[str, ...] = ("prune", "finetune", "perplexity", "zeroshot")  # 
 
 def resource_table(exp: Experiment) -> str:
     """Markdown: per model its size, dtype, weights, and per step the host memory and GPUs its rule
-    requests (first attempt), from `mem_mb` and `gpus`, the functions the rules call."""
+    requests (first attempt; GPUs of a rotated row, the larger), from `mem_mb` and `gpus`, the
+    functions the rules call."""
     header = ["model", "parameters", "dtype", "weights"] + [
         f"{step}: host RAM / GPUs" for step in TABLE_STEPS
     ]
@@ -368,7 +388,7 @@ def resource_table(exp: Experiment) -> str:
         ]
         cells += [
             f"{mem_mb(exp, model, step) / 1024:.0f} GB / "
-            + (str(gpus(exp, model, step)) if step in GPU_STEPS else "-")
+            + (str(gpus(exp, model, step, rotated=True)) if step in GPU_STEPS else "-")
             for step in TABLE_STEPS
         ]
         lines.append("| " + " | ".join(cells) + " |")

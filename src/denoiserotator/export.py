@@ -34,7 +34,9 @@ __all__ = [
     "METADATA_FILE",
     "attach_boundary_rotations",
     "get_boundary_rotations",
+    "folder_loaded_bytes",
     "folder_parameter_count",
+    "gpu_device_map",
     "folder_sparsity",
     "load_model",
     "measured_sparsity",
@@ -103,6 +105,91 @@ def folder_parameter_count(folder: str | Path) -> int:
             for key in handle.keys():
                 count += math.prod(handle.get_slice(key).get_shape())
     return count
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+                      "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def loaded_itemsize(name: str, stored: str, dtype: torch.dtype) -> int:
+    """Bytes per value of the tensor `name` (safetensors dtype `stored`) once loaded with `dtype`:
+    floating tensors take `dtype`, except the boundary rotations, which half-precision loading
+    keeps in fp32 (`DenoiseRotatorBoundaryMixin._keep_in_fp32_modules_strict`); integer tensors
+    keep their own type."""
+    if not stored.startswith(("F", "BF")):
+        return _SAFETENSORS_BYTES.get(stored, 1)  # the 8-bit types
+    if modeling.BOUNDARY_ATTR in name.split(".") and dtype in (torch.float16, torch.bfloat16):
+        return 4
+    return dtype.itemsize
+
+
+def folder_loaded_bytes(folder: str | Path, dtype: torch.dtype) -> int:
+    """Bytes the folder's tensors take on the device once loaded with `dtype` (`loaded_itemsize`),
+    from the safetensors headers only. A rotated 70B folder in bf16: 141 GB of weights plus 79
+    boundary matrices of 8192² in fp32 (21 GB). FileNotFoundError without safetensors."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in _safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                total += math.prod(tensor.get_shape()) * loaded_itemsize(key, tensor.get_dtype(), dtype)
+    return total
+
+
+def _model_class_of(folder: Path, config: dict[str, Any]) -> type[PreTrainedModel] | None:
+    """The package's Rotated* class a folder with boundary rotations loads with; None for a plain
+    folder (AutoModelForCausalLM). LoadingError for a rotated folder of an unknown architecture."""
+    if not config.get(modeling.CONFIG_KEY):
+        return None
+    name = (config.get("architectures") or [""])[0]
+    model_class = getattr(modeling, name, None)
+    if model_class is None or not getattr(model_class, "_denoiserotator_rotated", False):
+        raise LoadingError(f"{folder}: boundary rotations recorded but unknown architecture {name!r}")
+    return model_class
+
+
+def gpu_device_map(
+    folder: str | Path, dtype: torch.dtype, max_memory: dict[int | str, int]
+) -> dict[str, int | str]:
+    """Accelerate's device map for the folder's model over the devices of `max_memory` ({GPU index
+    or "cpu": bytes}), planned on a meta model as `from_pretrained(device_map="auto")` plans it
+    (balanced memory, whole decoder layers), with every tensor in the dtype it loads in (the
+    Rotated* classes keep the boundaries fp32).
+
+    Raises RuntimeError, before any weight is read, when the plan puts a module anywhere else
+    ("disk", or "cpu" when not given): offloaded layers run for days instead of hours, and the
+    job's GPU request was meant to hold the whole model.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    raw = json.loads((folder / "config.json").read_text())
+    model_class = _model_class_of(folder, raw)
+    with init_empty_weights():
+        if model_class is None:
+            meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            meta = model_class._from_config(config, dtype=dtype)
+    # the Rotated* classes build their boundaries in fp32 for half dtypes, as loading keeps them
+    no_split = meta._no_split_modules
+    budgets = get_balanced_memory(meta, max_memory=dict(max_memory), no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(meta, max_memory=budgets, no_split_module_classes=no_split)
+    offloaded = sorted(name for name, device in device_map.items() if device not in max_memory)
+    if offloaded:
+        need = folder_loaded_bytes(folder, dtype)
+        raise RuntimeError(
+            f"{folder}: {len(offloaded)} module(s) would not fit the {len(max_memory)} device(s) and go to "
+            f"{sorted({str(device_map[n]) for n in offloaded})} ({', '.join(offloaded[:4])}"
+            f"{', ...' if len(offloaded) > 4 else ''}); the model needs {need / 2**30:.1f} GiB in "
+            f"{str(dtype).removeprefix('torch.')}, the GPUs hold {sum(max_memory.values()) / 2**30:.1f} GiB "
+            "after the reserve: request more GPUs (the model entry's resources: {zeroshot: {gpu: N}})"
+        )
+    return device_map
 
 
 def folder_sparsity(folder: str | Path) -> dict[str, Any]:
@@ -288,17 +375,18 @@ def load_model(
     Rotated folders are loaded with this package's classes (same code as the folder's copy of
     modeling_denoiserotator.py, without going through the remote-code module cache).
     max_memory ({GPU index: bytes}): split the model over those GPUs with accelerate
-    (device_map="auto", whole decoder layers per GPU) instead of putting it on `device`.
+    (`gpu_device_map`: whole decoder layers per GPU, RuntimeError if anything would be offloaded
+    to the CPU or disk) instead of putting it on `device`.
     """
     folder = Path(folder)
     _quiet_progress()
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    placement: dict[str, Any] = {} if max_memory is None else {"device_map": "auto", "max_memory": max_memory}
-    if config.get(modeling.CONFIG_KEY):
-        name = (config.get("architectures") or [""])[0]
-        model_class = getattr(modeling, name, None)
-        if model_class is None or not getattr(model_class, "_denoiserotator_rotated", False):
-            raise LoadingError(f"{folder}: boundary rotations recorded but unknown architecture {name!r}")
+    # the map that was checked for offloading is the one loaded with (gpu_device_map)
+    placement: dict[str, Any] = {} if max_memory is None else {
+        "device_map": gpu_device_map(folder, dtype, max_memory)
+    }
+    model_class = _model_class_of(folder, config)
+    if model_class is not None:
         model, info = model_class.from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, **placement
         )

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 from . import costs
 from .adapters import LINEAR_NAMES, get_adapter
 from .export import (
-    folder_parameter_count,
+    folder_loaded_bytes,
     load_model,
     measured_sparsity,
     read_metadata,
@@ -270,7 +270,7 @@ def finetune_stage(
     device = compute.resolved_device()
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
-        weights = folder_parameter_count(model_dir) * DTYPES[compute.dtype].itemsize
+        weights = folder_loaded_bytes(model_dir, DTYPES[compute.dtype])
         check_fits_one_gpu(weights, torch.cuda.get_device_properties(index).total_memory, device)
     model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
     ids, data_meta = training_ids(data.source, tokenizer, data.n_sequences, data.seqlen, settings.seed)

@@ -101,9 +101,19 @@ def get_threads(step: str):
     return lambda wildcards: costs.threads(EXP, _model_of(wildcards), step)
 
 
+def _rotated(wildcards) -> bool:
+    # a rotated row's folder also holds fp32 boundary matrices (costs.loaded_bytes)
+    if hasattr(wildcards, "row"):
+        return Row.from_path(wildcards.row).rotation == "denoise"
+    return hasattr(wildcards, "variant") and not wildcards.variant.endswith("_none")
+
+
 def get_gpu(step: str, key: str = "gpu"):
     # gpu count, gpu_model and gres together: no GPU flag at all for a 0-GPU job (costs.gpu_request)
-    return lambda wildcards: costs.gpu_request(costs.gpus(EXP, _model_of(wildcards), step), os.environ)[key]
+    def gpu(wildcards):
+        count = costs.gpus(EXP, _model_of(wildcards), step, _rotated(wildcards))
+        return costs.gpu_request(count, os.environ)[key]
+    return gpu
 
 
 def get_mem_mb(step: str):

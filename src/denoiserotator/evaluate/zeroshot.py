@@ -144,10 +144,10 @@ def zeroshot(
 def placement(weights: float, device: str, gpu_bytes: list[int], reserve: float) -> dict[int, int] | None:
     """Where the model goes: None = whole on `device`; else accelerate's max_memory {GPU: bytes}.
 
-    weights: bytes of the weights in the compute dtype; gpu_bytes: total memory of each visible GPU
-    (SLURM makes the GPUs a job got visible); reserve: bytes each GPU keeps for activations
-    (costs.EVAL_GPU_RESERVE_GIB, the same rule that sized the job's GPU request). The model is split
-    over every visible GPU only when it does not fit the one `device` names.
+    weights: bytes of the tensors as loaded (`export.folder_loaded_bytes`); gpu_bytes: total memory
+    of each visible GPU (SLURM makes the GPUs a job got visible); reserve: bytes each GPU keeps for
+    activations (costs.EVAL_GPU_RESERVE_GIB, the same rule that sized the job's GPU request). The
+    model is split over every visible GPU only when it does not fit the one `device` names.
     Raises RuntimeError before anything is loaded when the visible GPUs together are too small.
     """
     if not device.startswith("cuda") or not gpu_bytes:
@@ -214,7 +214,7 @@ def zeroshot_stage(
     torch.manual_seed(0)
     device = compute.resolved_device()
     dtype = DTYPES[compute.dtype]
-    weights = export.folder_parameter_count(model_dir) * dtype.itemsize
+    weights = export.folder_loaded_bytes(model_dir, dtype)  # boundaries stay fp32 in bf16
     max_memory = placement(weights, device, _gpu_memory(device), costs.EVAL_GPU_RESERVE_GIB * 2**30)
     model, tokenizer = export.load_model(model_dir, dtype=dtype, device=device, max_memory=max_memory)
     fetch_rule = FETCH_RULE if settings.source == "hub" else "zeroshot_fixtures"
