@@ -191,11 +191,11 @@ def test_eval_gpu_requests_follow_weights_and_eval_mode() -> None:
 
 
 def test_gpu_steps_are_the_rules_that_request_gpus() -> None:
-    """Claim: the table's GPU column covers exactly the rules declaring gpu=get_gpu(<step>)."""
+    """Claim: the table's GPU column covers exactly the rules declaring gpu=get_resource(<step>, "gpu")."""
     import re
 
     text = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
-    assert set(re.findall(r'gpu=get_gpu\("(\w+)"\)', text)) == set(costs.GPU_STEPS)
+    assert set(re.findall(r'gpu=get_resource\("(\w+)", "gpu"\)', text)) == set(costs.GPU_STEPS)
 
 
 def test_readme_cluster_table_is_the_command_output() -> None:

@@ -310,7 +310,7 @@ def test_gpu_rules_declare_count_model_and_gres_together() -> None:
             if name and re.search(r"^\s+gpu\s*=", block, flags=re.M):
                 gpu_rules.add(name.group(1))
                 for key in ("gpu_model", "gres"):
-                    declared = rf'^\s+{key}=get_gpu\("\w+", "{key}"\),$'
+                    declared = rf'^\s+{key}=get_resource\("\w+", "{key}"\),$'
                     assert re.search(declared, block, flags=re.M), (name.group(1), key)
     assert gpu_rules, "no rule declares a gpu resource"
     profile = _profile(DENOISEROTATOR_GPU_MODEL="a100", SLURM_ACCOUNT="acct", SLURM_PARTITION="")

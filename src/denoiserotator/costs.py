@@ -12,12 +12,13 @@ time falls back to the paper's 0.124 s per step per layer on an A100 for an 8B m
 linearly with size, with a 1.5× margin. A model entry's `resources` block overrides any value per
 step; every value doubles with each retry (`attempt`).
 
-Requests never exceed the cluster's limits when they are set: DENOISEROTATOR_MAX_RUNTIME (minutes,
-the partition's MaxTime) and DENOISEROTATOR_MAX_MEM_MB (a node's memory for jobs): sbatch would
-refuse such a job, or leave it pending for ever. A retry asks for at most the limit (a prune job
-retried after its time limit needs no more memory than before). A prune job longer than the time
-limit runs as several attempts at the limit, each resuming after the last layer checkpoint
-(`prune_attempts`); any other first request above a limit is refused at planning time.
+Requests never exceed the limits of the partition a job goes to (`job_request`, with the site
+of `denoiserotator.cluster`: the plugin's partition file, or DENOISEROTATOR_MAX_RUNTIME and
+DENOISEROTATOR_MAX_MEM_MB for one partition): sbatch would refuse such a job, or leave it pending
+for ever. A retry asks for at most the limit (a prune job retried after its time limit needs no
+more memory than before). A prune job longer than the time limit runs as several attempts at the
+limit, each resuming after the last layer checkpoint (`prune_attempts`); any other first request
+above every partition's limits is refused at planning time.
 """
 
 from __future__ import annotations
@@ -25,52 +26,64 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import flops
+from .cluster import (  # noqa: F401  (re-exported: the limit variables)
+    DEFAULT_GPU_MODEL,
+    GPU_MODEL_VARIABLE,
+    MAX_MEM_VARIABLE,
+    MAX_RUNTIME_VARIABLE,
+    Partition,
+    Site,
+    SiteError,
+)
 from .experiment import Experiment, pattern_from_slug
 from .pruners import parse_pattern
 
 # Host memory per parameter-GB of the model, by stage: what each holds besides the weights.
 # sparsity: 0, the read-back streams one tensor at a time (export.folder_sparsity), so 3 GB suffice.
 MEMORY_FACTOR: dict[str, float] = {"prune": 1.3, "finetune": 2.5, "sparsity": 0.0}
+# Steps whose needs do not scale with the model (first attempt; × attempt on a retry). calibrate:
+# the tokenizer and the corpus's documents as text (C4's first train shard: ≈ 0.8 GB), the
+# token lists of the sampled documents only (`data.calibration_ids`).
+FIXED_MEM_MB: dict[str, int] = {"calibrate": 4000}
+FIXED_RUNTIME_MINUTES: dict[str, int] = {"calibrate": 60, "sparsity": 30}
 DEFAULT_MEMORY_FACTOR = 1.2
 SECONDS_PER_STEP_LAYER_8B = 0.124  # paper, A100, LLaMA-3-8B (32 layers); fallback without shapes
 COMPUTE_MARGIN = 1.5  # on the modelled compute time: achievable rates are assumptions (flops.DEVICES)
-GPU_MODEL_VARIABLE = "DENOISEROTATOR_GPU_MODEL"  # the cluster's GPU model (see gpu_request below)
-DEFAULT_GPU_MODEL = "a100"
 CPU_SLOWDOWN = 20  # CPU-only runs: generous, so that a cluster never kills them
-MAX_RUNTIME_VARIABLE = "DENOISEROTATOR_MAX_RUNTIME"  # minutes: the partition's MaxTime
-MAX_MEM_VARIABLE = "DENOISEROTATOR_MAX_MEM_MB"  # MB: the memory a job may ask of one node
 RESUMABLE_STEPS = frozenset({"prune"})  # resume after their last layer checkpoint when rerun
 
 
 class ResourceLimitError(ValueError):
-    """A job's request cannot fit the cluster's limits (DENOISEROTATOR_MAX_RUNTIME,
-    DENOISEROTATOR_MAX_MEM_MB), or a limit is malformed."""
+    """A job's request cannot fit the site's limits (`denoiserotator.cluster`), or a limit is
+    malformed."""
 
 
-def _positive_int(variable: str, hint: str) -> int | None:
-    raw = os.environ.get(variable, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) <= 0:
-        raise ResourceLimitError(f"{variable}={raw!r}: give {hint}")
-    return int(raw)
+def _partition(partition: Partition | None) -> Partition:
+    """`partition`, else the one anonymous partition of the limit variables."""
+    if partition is not None:
+        return partition
+    try:
+        return Site.from_environment(partition_config=None, environ={
+            k: v for k, v in os.environ.items() if k != "SNAKEMAKE_SLURM_PARTITIONS"
+        }).partitions[0]  # fmt: skip
+    except SiteError as error:
+        raise ResourceLimitError(str(error)) from error
 
 
-def max_runtime() -> int | None:
-    """The partition's time limit in minutes from DENOISEROTATOR_MAX_RUNTIME; None when unset or
-    empty. Raises ResourceLimitError on anything but a positive whole number of minutes."""
-    hint = "the partition's MaxTime in whole minutes, e.g. 2880 for 2-00:00:00 (`sinfo -o '%P %l'` shows it)"
-    return _positive_int(MAX_RUNTIME_VARIABLE, hint)
+def max_runtime(partition: Partition | None = None) -> int | None:
+    """The partition's time limit in minutes (default: DENOISEROTATOR_MAX_RUNTIME); None when
+    unlimited. Raises ResourceLimitError on a malformed variable."""
+    return _partition(partition).max_runtime
 
 
-def max_mem_mb() -> int | None:
-    """The most memory one job may ask for, in MB, from DENOISEROTATOR_MAX_MEM_MB; None when unset
-    or empty. Raises ResourceLimitError on anything but a positive whole number of MB."""
-    hint = "the memory of the partition's nodes in whole MB, e.g. 250000 (`sinfo -o '%P %m'` shows it)"
-    return _positive_int(MAX_MEM_VARIABLE, hint)
+def max_mem_mb(partition: Partition | None = None) -> int | None:
+    """The most memory one job may ask of the partition, in MB (default: DENOISEROTATOR_MAX_MEM_MB);
+    None when unlimited. Raises ResourceLimitError on a malformed variable."""
+    return _partition(partition).max_mem_mb
 
 
 def _within_limit(request: int, limit: int | None, attempt: int, resumable: bool, refusal: str) -> int:
@@ -95,28 +108,33 @@ def threads(exp: Experiment, model: str, step: str) -> int:
     return _override(exp, model, step, "threads") or exp.compute.threads
 
 
-def gpus(exp: Experiment, model: str, step: str, rotated: bool = False) -> int:
+def gpus(
+    exp: Experiment, model: str, step: str, rotated: bool = False, gpu_gib: float | None = None
+) -> int:
     """GPUs of a rule step: the entry's override, else `compute.gpus`, raised for the steps that hold
     the whole model on GPUs (`whole_model_on_gpu`) to `gpus_for_weights` of what the row's folder
-    loads (`loaded_bytes`: a `rotated` row adds its fp32 boundary matrices); 0 for CPU-only
-    configs."""
+    loads (`loaded_bytes`: a `rotated` row adds its fp32 boundary matrices) on GPUs of `gpu_gib`
+    GiB (default GPU_MEMORY_GIB); 0 for CPU-only configs."""
     value = _override(exp, model, step, "gpu")
     if value is not None:
         return value
     if exp.compute.gpus == 0 or not whole_model_on_gpu(exp, step):
         return exp.compute.gpus
-    return max(exp.compute.gpus, gpus_for_weights(loaded_bytes(exp, model, rotated)))
+    memory = GPU_MEMORY_GIB if gpu_gib is None else gpu_gib
+    return max(exp.compute.gpus, gpus_for_weights(loaded_bytes(exp, model, rotated), memory))
 
 
-def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
+def mem_mb(
+    exp: Experiment, model: str, step: str, attempt: int = 1, partition: Partition | None = None
+) -> int:
     """Host memory in MB: weights × the stage's factor + calibration activations (prune) + 3 GB,
-    × attempt, at most DENOISEROTATOR_MAX_MEM_MB. Raises ResourceLimitError when the first
-    attempt's request is above that limit."""
+    × attempt, at most the partition's max_mem_mb (default: DENOISEROTATOR_MAX_MEM_MB). Raises
+    ResourceLimitError when the first attempt's request is above that limit."""
     request = _uncapped_mem_mb(exp, model, step) * attempt
-    limit = max_mem_mb()
+    limit = max_mem_mb(partition)
     refusal = (
         f"the {step} job of {model} needs about {request} MB of host memory, more than a node's "
-        f"{limit} MB ({MAX_MEM_VARIABLE}): use a partition with larger nodes, hold the model in "
+        f"{limit} MB: use a partition with larger nodes, hold the model in "
         f"bfloat16 (the entry's `dtype`), or set a `resources: {{{step}: {{mem_mb: ...}}}}` "
         f"override for {model} if the estimate is too high"
     )
@@ -124,7 +142,7 @@ def mem_mb(exp: Experiment, model: str, step: str, attempt: int = 1) -> int:
 
 
 def _uncapped_mem_mb(exp: Experiment, model: str, step: str) -> int:
-    value = _override(exp, model, step, "mem_mb")
+    value = _override(exp, model, step, "mem_mb") or FIXED_MEM_MB.get(step)
     if value:
         return int(value)
     entry = exp.models[model]
@@ -142,20 +160,22 @@ def runtime(
     rotated: bool = False,
     attempt: int = 1,
     variant: str | None = None,
+    partition: Partition | None = None,
 ) -> int:
     """Minutes: 20 + 6 per billion parameters (loading, saving), plus the prune job's modelled
     compute (`prune_seconds` × COMPUTE_MARGIN; when the model entry has no shape fields: the
     paper's rotation time for rotated rows) or LoRA steps (finetune); × CPU_SLOWDOWN without a GPU
     (on the fixed part; the modelled part uses the CPU's rate). `variant`: the prune job's folder
     name (pruner, pattern), e.g. "sparsegpt_2-4_dr-1a2b3c4d"; without it SparseGPT, unstructured
-    (the most expensive) is assumed. At most DENOISEROTATOR_MAX_RUNTIME: a longer prune job asks
-    for the limit (it resumes, `prune_attempts`); other steps raise ResourceLimitError when their
-    first attempt does not fit."""
-    request = _uncapped_runtime(exp, model, step, rotated, variant) * attempt
-    limit = max_runtime()
+    (the most expensive) is assumed. At most the partition's max_runtime (default:
+    DENOISEROTATOR_MAX_RUNTIME): a longer prune job asks for the limit (it resumes,
+    `prune_attempts`); other steps raise ResourceLimitError when their first attempt does not fit.
+    The partition's GPU model sets the modelled compute rate."""
+    request = _uncapped_runtime(exp, model, step, rotated, variant, partition) * attempt
+    limit = max_runtime(partition)
     refusal = (
         f"the {step} job of {model} needs about {request} min, more than the partition's "
-        f"{limit} min ({MAX_RUNTIME_VARIABLE}), and cannot resume after a time-out: "
+        f"{limit} min, and cannot resume after a time-out: "
         + ("lower lora.steps, " if step == "finetune" else "")
         + f"set a `resources: {{{step}: {{runtime: ...}}}}` override for {model} if the estimate "
         "is too high, or use a partition with a longer limit"
@@ -164,18 +184,24 @@ def runtime(
 
 
 def check_prune_retries(
-    exp: Experiment, model: str, rotated: bool, variant: str | None, retries: int
+    exp: Experiment,
+    model: str,
+    rotated: bool,
+    variant: str | None,
+    retries: int,
+    partition: Partition | None = None,
 ) -> None:
     """Raise ResourceLimitError when the prune job needs more attempts at the partition's limit
     (`prune_attempts`) than Snakemake's `retries` (the profile's restart-times) allow, so that the
     plan fails now instead of the job after days on the cluster."""
-    attempts = prune_attempts(exp, model, rotated, variant)
+    attempts = prune_attempts(exp, model, rotated, variant, partition=partition)
     if attempts > retries + 1:
-        limit = max_runtime()
+        limit = max_runtime(partition)
         raise ResourceLimitError(
             f"the prune job of {model} ({variant}) needs about "
-            f"{_uncapped_runtime(exp, model, 'prune', rotated, variant)} min: {attempts} attempts of "
-            f"{limit} min ({MAX_RUNTIME_VARIABLE}), each resuming after its last layer checkpoint, "
+            f"{_uncapped_runtime(exp, model, 'prune', rotated, variant, partition)} min: {attempts} "
+            f"attempts of {limit} min (the partition's limit), each resuming after its last layer "
+            "checkpoint, "
             f"but Snakemake retries a job only {retries} time(s): add `--retries {attempts - 1}` "
             "(the slurm profile's restart-times), use a partition with a longer limit, or lower "
             "rotation.steps"
@@ -188,15 +214,23 @@ def _fixed_minutes(exp: Experiment, model: str) -> float:
     return minutes if uses_gpu(exp) else minutes * CPU_SLOWDOWN
 
 
-def _uncapped_runtime(exp: Experiment, model: str, step: str, rotated: bool, variant: str | None) -> int:
-    value = _override(exp, model, step, "runtime")
+def _uncapped_runtime(
+    exp: Experiment,
+    model: str,
+    step: str,
+    rotated: bool,
+    variant: str | None,
+    partition: Partition | None = None,
+) -> int:
+    value = _override(exp, model, step, "runtime") or FIXED_RUNTIME_MINUTES.get(step)
     if value:
         return int(value)
     size = exp.models[model]["params_b"]
     minutes = _fixed_minutes(exp, model)
     shape = flops.LayerShape.from_entry(exp.models[model])
     if step == "prune" and shape is not None:
-        minutes += COMPUTE_MARGIN * prune_seconds(exp, model, rotated, variant) / 60
+        gpu_model = partition.gpu_model if partition is not None else None
+        minutes += COMPUTE_MARGIN * prune_seconds(exp, model, rotated, variant, gpu_model) / 60
     elif step == "prune" and rotated:
         fallback = 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
         minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
@@ -206,7 +240,12 @@ def _uncapped_runtime(exp: Experiment, model: str, step: str, rotated: bool, var
 
 
 def prune_attempts(
-    exp: Experiment, model: str, rotated: bool, variant: str | None, limit: int | None = None
+    exp: Experiment,
+    model: str,
+    rotated: bool,
+    variant: str | None,
+    limit: int | None = None,
+    partition: Partition | None = None,
 ) -> int:
     """How many attempts of at most `limit` minutes (default: DENOISEROTATOR_MAX_RUNTIME) the prune
     job needs, each resuming after the last layer checkpoint. Every attempt pays the fixed loading
@@ -214,8 +253,8 @@ def prune_attempts(
     `compute.checkpoint_every_layers` layers, or `compute.checkpoint_every_minutes` plus one layer.
     1 without a limit. Raises ResourceLimitError when an attempt of `limit` minutes cannot finish a
     single layer."""
-    limit = max_runtime() if limit is None else limit
-    total = _uncapped_runtime(exp, model, "prune", rotated, variant)
+    limit = max_runtime(partition) if limit is None else limit
+    total = _uncapped_runtime(exp, model, "prune", rotated, variant, partition)
     if limit is None or total <= limit:
         return 1
     fixed = _fixed_minutes(exp, model)
@@ -230,19 +269,20 @@ def prune_attempts(
     if progress < per_layer:
         raise ResourceLimitError(
             f"the prune job of {model} needs about {total} min; an attempt of {limit} min "
-            f"({MAX_RUNTIME_VARIABLE}) spends {fixed:.0f} min loading and saving and may lose "
+            f"(the partition's limit) spends {fixed:.0f} min loading and saving and may lose "
             f"{lost:.0f} min since its last checkpoint, leaving less than one layer ({per_layer:.0f} min): "
             "use a partition with a longer limit, or lower rotation.steps"
         )
     return math.ceil(compute / progress)
 
 
-def compute_device(exp: Experiment) -> flops.Device:
-    """The `flops.DEVICES` entry jobs run on: the profile's GPU model (unknown or unset: A100), or
-    the CPU."""
+def compute_device(exp: Experiment, gpu_model: str | None = None) -> flops.Device:
+    """The `flops.DEVICES` entry jobs run on: `gpu_model` (default: DENOISEROTATOR_GPU_MODEL;
+    unknown or unset: A100), or the CPU."""
     if not uses_gpu(exp):
         return flops.DEVICES["cpu"]
-    return flops.device_for(os.environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL) or DEFAULT_GPU_MODEL)
+    name = gpu_model or os.environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL) or DEFAULT_GPU_MODEL
+    return flops.device_for(name)
 
 
 def _pruner_and_nm(variant: str | None) -> tuple[str, int | None]:
@@ -281,10 +321,12 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
     )
 
 
-def prune_seconds(exp: Experiment, model: str, rotated: bool, variant: str | None = None) -> float:
+def prune_seconds(
+    exp: Experiment, model: str, rotated: bool, variant: str | None = None, gpu_model: str | None = None
+) -> float:
     """Modelled seconds of one prune job's compute on `compute_device` (no margin)."""
     work = prune_work(exp, model, rotated, variant)
-    return flops.seconds(work, compute_device(exp), threads(exp, model, "prune"))
+    return flops.seconds(work, compute_device(exp, gpu_model), threads(exp, model, "prune"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,23 +342,93 @@ GPU_FLAG_ENV = "DENOISEROTATOR_GPU_FLAG"
 GPU_FLAGS = ("gpus", "gres")
 
 
-def gpu_request(count: int, environ: Mapping[str, str]) -> dict[str, Any]:
+def gpu_request(count: int, environ: Mapping[str, str], gpu_model: str | None = None) -> dict[str, Any]:
     """The `gpu`, `gpu_model` and `gres` resources of a job that needs `count` GPUs.
 
     `environ`: DENOISEROTATOR_GPU_MODEL (unset: "a100"; "" for untyped GPUs) and
     DENOISEROTATOR_GPU_FLAG ("gpus", the default: `--gpus=<model>:<n>`; "gres":
     `--gres=gpu:<model>:<n>` for clusters whose SelectType rejects `--gpus`). With `count` 0
-    every value is empty, so sbatch gets no GPU flag at all. Raises ValueError for another flag.
+    every value is empty, so sbatch gets no GPU flag at all. `gpu_model`: the partition's (from
+    the site's partition file) instead of the variable. Raises ValueError for another flag.
     """
     flag = environ.get(GPU_FLAG_ENV, "").strip() or "gpus"
     if flag not in GPU_FLAGS:
         raise ValueError(f"{GPU_FLAG_ENV} must be one of {GPU_FLAGS}, not {flag!r}")
-    model = environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL).strip()
+    model = environ.get(GPU_MODEL_VARIABLE, DEFAULT_GPU_MODEL).strip() if gpu_model is None else gpu_model
     if count <= 0:
         return {"gpu": 0, "gpu_model": "", "gres": ""}
     if flag == "gres":
         return {"gpu": 0, "gpu_model": "", "gres": f"gpu:{model}:{count}" if model else f"gpu:{count}"}
     return {"gpu": count, "gpu_model": model, "gres": ""}
+
+
+# -- a job on the site ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What one job asks of the site: its partition, GPUs, host memory (MB) and time (minutes) for
+    this attempt, and how many attempts at the partition's limit it needs (prune jobs resume)."""
+
+    step: str
+    model: str
+    partition: Partition
+    gpus: int
+    mem_mb: int
+    runtime: int
+    attempts: int = 1
+
+    def resources(self, environ: Mapping[str, str]) -> dict[str, Any]:
+        """The rule's resources: slurm_partition, mem_mb, runtime and the GPU flags (`gpu_request`)."""
+        gpu_model = None if self.partition.max_gpu is None else self.partition.gpu_model
+        return {"slurm_partition": self.partition.name, "mem_mb": self.mem_mb, "runtime": self.runtime,
+                **gpu_request(self.gpus, environ, gpu_model)}  # fmt: skip
+
+
+def job_request(
+    exp: Experiment,
+    model: str,
+    step: str,
+    rotated: bool = False,
+    variant: str | None = None,
+    attempt: int = 1,
+    site: Site | None = None,
+    retries: int | None = None,
+) -> JobRequest:
+    """Route one job to the first partition of `site` (default: `Site.from_environment()`) that
+    holds it, GPU jobs to GPU partitions, CPU-only jobs to CPU partitions first (`Site.candidates`),
+    with requests capped by that partition (`gpus`, `mem_mb`, `runtime`, `prune_attempts`).
+
+    `retries` (Snakemake's --retries): when given, a prune job needing more resuming attempts than
+    that does not fit the partition. Raises ResourceLimitError naming the job and, per partition,
+    why it does not fit, when none does.
+    """
+    site = Site.from_environment() if site is None else site
+    wants_gpus = step in GPU_STEPS and gpus(exp, model, step, rotated) > 0
+    resumable = step in RESUMABLE_STEPS
+    reasons = []
+    for partition in site.candidates(wants_gpus):
+        try:
+            count = gpus(exp, model, step, rotated, partition.gpu_memory_gib) if wants_gpus else 0
+            if partition.max_gpu is not None and count > partition.max_gpu:
+                memory_gib, most = partition.gpu_memory_gib, partition.max_gpu
+                raise ResourceLimitError(f"needs {count} GPU(s) of {memory_gib:g} GiB, more than its {most}")
+            memory = mem_mb(exp, model, step, attempt, partition)
+            minutes = runtime(exp, model, step, rotated, attempt, variant, partition)
+            attempts = 1
+            if resumable:
+                attempts = prune_attempts(exp, model, rotated, variant, partition=partition)
+                if retries is not None:
+                    check_prune_retries(exp, model, rotated, variant, retries, partition)
+        except ResourceLimitError as error:
+            reasons.append(f"{partition.describe()}: {error}")
+            continue
+        return JobRequest(step, model, partition, count, memory, minutes, attempts)
+    job = f"the {step} job of {model}" + (f" ({variant})" if variant else "")
+    raise ResourceLimitError(
+        f"{job} fits no partition of the site ({site.source}): " + "; ".join(reasons)
+        if reasons else f"{job}: the site ({site.source}) has no {'GPU' if wants_gpus else ''} partition"
+    )
 
 
 # -- GPUs for evaluation -------------------------------------------------------------------------

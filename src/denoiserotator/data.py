@@ -237,8 +237,14 @@ def calibration_ids(
         if hub:
             mode = "documents"
         else:
-            long_docs = sum(len(encode(i)) > seqlen for i in range(len(documents)))
-            mode = "documents" if long_docs >= min(MIN_LONG_DOCUMENTS, nsamples) else "joined"
+            # Count until the threshold, without keeping the token lists: a whole C4 shard held as
+            # Python ints is ≈ 37 B per token (6–8 GB), where the count needs a few documents.
+            needed, long_docs = min(MIN_LONG_DOCUMENTS, nsamples), 0
+            for index in range(len(documents)):
+                long_docs += len(_encode(tokenizer, documents[index])) > seqlen
+                if long_docs >= needed:
+                    break
+            mode = "documents" if long_docs >= needed else "joined"
     rng = random.Random(seed)
     if mode == "documents":
         rows = _sample_documents(rng, encode, len(documents), nsamples, seqlen)

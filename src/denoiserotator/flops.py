@@ -534,6 +534,7 @@ class Device:
     efficiency: Mapping[str, float]
     launch_us: float
     source: str
+    memory_gib: float = 80.0  # one GPU's memory (the A100 the profile asks for: the 80 GB model)
 
     def rate(self, precision: str, threads: int = 1) -> float:
         """Achievable FLOP/s for `precision` (CPU rates are per thread)."""
@@ -566,6 +567,7 @@ DEVICES: dict[str, Device] = {
         _GPU_EFFICIENCY,
         launch_us=8.0,
         source="NVIDIA H200 datasheet (SXM): same compute as H100 SXM, more and faster memory",
+        memory_gib=141.0,
     ),
     # Per thread: an AVX2 core with two FMA units at ~3 GHz peaks at 96 GFLOP/s fp32; PyTorch's
     # BLAS reaches about a third. fp64 half of that; bf16 has no fast path on most CPUs.
@@ -575,18 +577,24 @@ DEVICES: dict[str, Device] = {
         {"fp64": 0.3, "fp32": 0.3, "tf32": 0.3, "bf16": 0.1},
         launch_us=2.0,
         source="assumption: AVX2 core, 2 FMA × 8 fp32 lanes × 3 GHz; 1/3 of peak reached",
+        memory_gib=0.0,
     ),
 }
 
 
 def device_for(name: str | None) -> Device:
     """The table entry for a GPU model name ("a100", "NVIDIA H100 80GB HBM3", "cpu", ...);
-    unknown or empty names get the A100 (the slowest GPU in the table, so requests stay safe)."""
+    unknown or empty names get the A100 (the slowest GPU in the table, so requests stay safe).
+    A name that states 40 GB ("a100-40g", "A100-SXM4-40GB") gets that memory."""
+    import dataclasses
+    import re
+
     lowered = (name or "").lower()
-    for key, device in DEVICES.items():
-        if key in lowered:
-            return device
-    return DEVICES["a100"]
+    device = next((d for key, d in DEVICES.items() if key in lowered), DEVICES["a100"])
+    stated = re.search(r"(\d+)\s*g(?:i?b)?\b", lowered)
+    if stated and device.name != "cpu":
+        return dataclasses.replace(device, memory_gib=float(stated.group(1)))
+    return device
 
 
 def seconds(work: Work, device: Device, threads: int = 1) -> float:

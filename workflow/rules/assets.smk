@@ -10,7 +10,7 @@ rule fetch_model:
         f"results/logs/fetch_model/{{model}}.log",
     threads: 1
     resources:
-        mem_mb=get_mem_mb("fetch"),
+        mem_mb=get_local_mem_mb("fetch"),
         runtime=120,
     conda:
         "../../envs/cluster.yaml"

@@ -12,8 +12,9 @@ rule calibrate:
         "results/benchmarks/calibrate/{model}/{calib}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        slurm_partition=get_resource("calibrate", "slurm_partition"),
+        mem_mb=get_resource("calibrate", "mem_mb"),
+        runtime=get_resource("calibrate", "runtime"),
     conda:
         "../../envs/cluster.yaml"
     script:

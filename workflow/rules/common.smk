@@ -7,6 +7,7 @@ import os
 from snakemake.utils import validate
 
 from denoiserotator import costs
+from denoiserotator.cluster import Partition, Site
 from denoiserotator.experiment import ROW_RE, VARIANT_RE, Experiment, Row
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -108,16 +109,10 @@ def _rotated(wildcards) -> bool:
     return hasattr(wildcards, "variant") and not wildcards.variant.endswith("_none")
 
 
-def get_gpu(step: str, key: str = "gpu"):
-    # gpu count, gpu_model and gres together: no GPU flag at all for a 0-GPU job (costs.gpu_request)
-    def gpu(wildcards):
-        count = costs.gpus(EXP, _model_of(wildcards), step, _rotated(wildcards))
-        return costs.gpu_request(count, os.environ)[key]
-    return gpu
-
-
-def get_mem_mb(step: str):
-    return lambda wildcards, attempt: costs.mem_mb(EXP, _model_of(wildcards), step, attempt)
+def _site():
+    # the plugin's --slurm-partition-config, else SNAKEMAKE_SLURM_PARTITIONS, else the older variables
+    config_file = getattr(getattr(workflow, "executor_settings", None), "partition_config", None)
+    return Site.from_environment(partition_config=config_file)
 
 
 def _retries() -> int:
@@ -125,14 +120,25 @@ def _retries() -> int:
     return getattr(getattr(workflow, "execution_settings", None), "retries", 0) or 0
 
 
-def get_runtime(step: str):
-    # capped at DENOISEROTATOR_MAX_RUNTIME; a longer prune job runs as resuming attempts (costs.runtime)
-    def runtime(wildcards, attempt) -> int:
-        rotated = step == "prune" and not wildcards.variant.endswith("_none")
-        variant = wildcards.variant if step == "prune" else None
-        # planning only: a spawned job re-evaluates resources with `--retries 0 --attempt 1`,
-        # where the check could only kill a job that the plan already allowed
-        if step == "prune" and attempt == 1 and workflow.is_main_process:
-            costs.check_prune_retries(EXP, _model_of(wildcards), rotated, variant, _retries())
-        return costs.runtime(EXP, _model_of(wildcards), step, rotated, attempt, variant=variant)
-    return runtime
+def _request(step: str, wildcards, attempt: int) -> dict:
+    variant = getattr(wildcards, "variant", None) if step == "prune" else None
+    args = (EXP, _model_of(wildcards), step, _rotated(wildcards), variant, attempt, _site())
+    if workflow.is_main_process:  # planning: refuse what fits no partition, retries included
+        retries = _retries() if step == "prune" and attempt == 1 else None
+        return costs.job_request(*args, retries=retries).resources(os.environ)
+    # a spawned job re-evaluates its resources with `--retries 0 --attempt 1`, where a check could
+    # only kill a job that the plan already allowed
+    try:
+        return costs.job_request(*args).resources(os.environ)
+    except costs.ResourceLimitError:
+        return {"slurm_partition": "", "mem_mb": 0, "runtime": 0, "gpu": 0, "gpu_model": "", "gres": ""}
+
+
+def get_local_mem_mb(step: str):
+    # local rules run on the submit host: no partition, no site limit
+    return lambda wildcards, attempt: costs.mem_mb(EXP, _model_of(wildcards), step, attempt, Partition(""))
+
+
+def get_resource(step: str, key: str):
+    # every resource of a job from one costs.job_request: partition, mem_mb, runtime, GPU flags
+    return lambda wildcards, attempt: _request(step, wildcards, attempt)[key]

@@ -11,11 +11,12 @@ rule perplexity:
         "results/benchmarks/perplexity/{row}/{set}-{pplid}.tsv"
     threads: get_threads("perplexity")
     resources:
-        mem_mb=get_mem_mb("perplexity"),
-        runtime=get_runtime("perplexity"),
-        gpu=get_gpu("perplexity"),
-        gpu_model=get_gpu("perplexity", "gpu_model"),
-        gres=get_gpu("perplexity", "gres"),
+        slurm_partition=get_resource("perplexity", "slurm_partition"),
+        mem_mb=get_resource("perplexity", "mem_mb"),
+        runtime=get_resource("perplexity", "runtime"),
+        gpu=get_resource("perplexity", "gpu"),
+        gpu_model=get_resource("perplexity", "gpu_model"),
+        gres=get_resource("perplexity", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
@@ -35,11 +36,12 @@ rule zeroshot:
         "results/benchmarks/zeroshot/{row}/{zsid}.tsv"
     threads: get_threads("zeroshot")
     resources:
-        mem_mb=get_mem_mb("zeroshot"),
-        runtime=get_runtime("zeroshot"),
-        gpu=get_gpu("zeroshot"),
-        gpu_model=get_gpu("zeroshot", "gpu_model"),
-        gres=get_gpu("zeroshot", "gres"),
+        slurm_partition=get_resource("zeroshot", "slurm_partition"),
+        mem_mb=get_resource("zeroshot", "mem_mb"),
+        runtime=get_resource("zeroshot", "runtime"),
+        gpu=get_resource("zeroshot", "gpu"),
+        gpu_model=get_resource("zeroshot", "gpu_model"),
+        gres=get_resource("zeroshot", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
@@ -56,8 +58,9 @@ rule sparsity:
         "results/logs/sparsity/{row}.log",
     threads: 1
     resources:
-        mem_mb=get_mem_mb("sparsity"),
-        runtime=30,
+        slurm_partition=get_resource("sparsity", "slurm_partition"),
+        mem_mb=get_resource("sparsity", "mem_mb"),
+        runtime=get_resource("sparsity", "runtime"),
     conda:
         "../../envs/cluster.yaml"
     script:

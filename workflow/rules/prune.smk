@@ -12,11 +12,12 @@ rule prune:
         "results/benchmarks/prune/{model}/{calib}/{variant}.tsv"
     threads: get_threads("prune")
     resources:
-        mem_mb=get_mem_mb("prune"),
-        runtime=get_runtime("prune"),
-        gpu=get_gpu("prune"),
-        gpu_model=get_gpu("prune", "gpu_model"),
-        gres=get_gpu("prune", "gres"),
+        slurm_partition=get_resource("prune", "slurm_partition"),
+        mem_mb=get_resource("prune", "mem_mb"),
+        runtime=get_resource("prune", "runtime"),
+        gpu=get_resource("prune", "gpu"),
+        gpu_model=get_resource("prune", "gpu_model"),
+        gres=get_resource("prune", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
@@ -37,11 +38,12 @@ rule finetune:
         "results/benchmarks/finetune/{model}/{calib}/{variant}/lora-{ft}.tsv"
     threads: get_threads("finetune")
     resources:
-        mem_mb=get_mem_mb("finetune"),
-        runtime=get_runtime("finetune"),
-        gpu=get_gpu("finetune"),
-        gpu_model=get_gpu("finetune", "gpu_model"),
-        gres=get_gpu("finetune", "gres"),
+        slurm_partition=get_resource("finetune", "slurm_partition"),
+        mem_mb=get_resource("finetune", "mem_mb"),
+        runtime=get_resource("finetune", "runtime"),
+        gpu=get_resource("finetune", "gpu"),
+        gpu_model=get_resource("finetune", "gpu_model"),
+        gres=get_resource("finetune", "gres"),
     conda:
         "../../envs/cluster.yaml"
     script:
