@@ -131,6 +131,31 @@ def test_calibration_documents_mode_matches_reference_protocol(tmp_path: Path) -
     assert all(any(is_window_of(row, doc) for doc in encoded if len(doc) > seqlen) for row in ids.tolist())
 
 
+def test_calibration_auto_mode_does_not_tokenise_the_whole_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mode: auto` on a local corpus used to tokenise (and keep) every document to count the long
+    ones: ≈ 37 B per token as Python ints, 6–8 GB for C4's shard in a 4 GB job. It now stops at the
+    threshold and picks the same windows as `mode: documents`."""
+    import denoiserotator.data as data
+
+    rng = random.Random(5)
+    texts = [document(rng, 8) for _ in range(400)]
+    source = f"json:{write_jsonl(tmp_path / 'c.jsonl', texts)}"
+    tokenizer = tiny_tokenizer()
+    real_encode, encoded = data._encode, []
+
+    def counting_encode(tok, text: str) -> list[int]:
+        encoded.append(text)
+        return real_encode(tok, text)
+
+    monkeypatch.setattr(data, "_encode", counting_encode)
+    ids, meta = calibration_ids(tokenizer, source, 6, 32, seed=0, with_meta=True)
+    assert meta["sampling"] == "documents"
+    assert torch.equal(ids, calibration_ids(tokenizer, source, 6, 32, seed=0, mode="documents"))
+    assert len(encoded) < 60  # the count's few documents plus the sampled ones, not all 400 twice
+
+
 def test_calibration_is_deterministic_per_seed(tmp_path: Path) -> None:
     rng = random.Random(2)
     source = f"json:{write_jsonl(tmp_path / 'c.jsonl', [document(rng, 8) for _ in range(10)])}"

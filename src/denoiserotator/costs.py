@@ -362,6 +362,18 @@ def gpu_request(count: int, environ: Mapping[str, str], gpu_model: str | None = 
     return {"gpu": count, "gpu_model": model, "gres": ""}
 
 
+def prune_gpu_bytes(exp: Experiment, model: str) -> float | None:
+    """Estimated GPU peak of the prune job, which holds one decoder layer at a time: the rotation
+    training's (`flops.rotation_memory_bytes`, SparseGPT score, the largest) plus the fp64 Gram
+    and its inverse for the widest input (down_proj). None without the entry's shape fields.
+    An estimate (docs/cluster.md: ≈ 40–45 GB at 70B); bench/gpu_check.py measures it."""
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    if shape is None:
+        return None
+    widest = max(columns for _, columns in shape.linears().values())
+    return flops.rotation_memory_bytes(shape, "sparsegpt") + 2 * 8 * widest**2
+
+
 # -- a job on the site ----------------------------------------------------------------------------
 
 
@@ -413,6 +425,12 @@ def job_request(
             if partition.max_gpu is not None and count > partition.max_gpu:
                 memory_gib, most = partition.gpu_memory_gib, partition.max_gpu
                 raise ResourceLimitError(f"needs {count} GPU(s) of {memory_gib:g} GiB, more than its {most}")
+            layer = prune_gpu_bytes(exp, model) if step == "prune" and count > 0 else None
+            if layer is not None and layer > partition.gpu_memory_gib * 2**30:
+                raise ResourceLimitError(
+                    f"one decoder layer's rotation and pruning need ≈ {layer / 2**30:.0f} GiB of GPU "
+                    f"memory, more than one {partition.gpu_model} ({partition.gpu_memory_gib:g} GiB)"
+                )
             memory = mem_mb(exp, model, step, attempt, partition)
             minutes = runtime(exp, model, step, rotated, attempt, variant, partition)
             attempts = 1
