@@ -547,3 +547,60 @@ def test_diagonal_statistics_equal_the_whole_grams_diagonal() -> None:
     for name in names:
         assert diagonal[name].shape == (whole[name].shape[0],)
         torch.testing.assert_close(diagonal[name], torch.diagonal(whole[name]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("signal_in", "done"), [("rotation of layer 2", 2), ("propagation of layer 0", 1)])
+def test_sigterm_checkpoints_the_finished_layers_and_the_retry_resumes_exactly(
+    tmp_path, monkeypatch, signal_in: str, done: int
+) -> None:
+    """SLURM's SIGTERM before the time limit (sbatch --signal): the job writes a checkpoint of every
+    finished layer, even when none was due (here checkpoints are never due by count or time), and
+    stops with Preempted; the attempt loses at most the layer in progress, and the resumed run is
+    bit-identical to an uninterrupted one."""
+    import json
+    import os
+    import signal
+
+    import denoiserotator.pipeline as pipeline
+    from denoiserotator.preemption import Preempted, handle_signals
+
+    never = ComputeSettings(checkpoint_every_layers=0, checkpoint_every_minutes=0)
+    settings = PruneSettings(pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=never)
+    ids = calibration(tiny_model("llama", num_layers=4))
+    reference = run_pipeline(tiny_model("llama", num_layers=4), ids, settings, progress=False)
+
+    real_learn, real_run_layer = pipeline.learn_rotations, pipeline.run_layer
+    calls = {"run_layer": 0}
+
+    def learn(view, index, *args, **kwargs):
+        if signal_in == "rotation of layer 2" and index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, as slurmstepd sends it
+        return real_learn(view, index, *args, **kwargs)
+
+    def run_layer(*args, **kwargs):
+        calls["run_layer"] += 1
+        if signal_in == "propagation of layer 0" and calls["run_layer"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_layer(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "learn_rotations", learn)
+        patch.setattr(pipeline, "run_layer", run_layer)
+        with handle_signals(), pytest.raises(Preempted, match="SIGTERM"):
+            run_pipeline(
+                tiny_model("llama", num_layers=4), ids, settings, progress=False, checkpoint_dir=tmp_path
+            )
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == done
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the block
+    relearned: list[int] = []
+
+    def counting_learn(view, index, *args, **kwargs):
+        relearned.append(index)
+        return real_learn(view, index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "learn_rotations", counting_learn)
+    resumed = run_pipeline(
+        tiny_model("llama", num_layers=4), ids, settings, progress=False, checkpoint_dir=tmp_path
+    )
+    assert relearned == list(range(done, 4))  # resumed after the checkpointed layers, not from scratch
+    _assert_same_run(reference, resumed)

@@ -90,6 +90,7 @@ def test_a_spawned_prune_job_that_needs_resuming_attempts_reaches_the_prune_scri
     assert captured.exists(), planned[-4000:]
     args = captured.read_text().splitlines()
     assert args[args.index("-t") + 1] == "2160", args  # the attempt asks for the limit
+    assert "--signal=TERM@900" in args, args  # time to checkpoint before the limit (preemption)
     command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
     assert "--mode 'remote'" in command and "--retries 0" in command and "--attempt 1" in command
 

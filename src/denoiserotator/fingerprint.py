@@ -74,9 +74,9 @@ def model_fingerprint(model: nn.Module) -> str:
 # written before a change to the numerics is never resumed after it (a version string is not
 # bumped by such changes).
 NON_NUMERICS_MODULES = frozenset({
-    "__init__.py", "assets.py", "calibrate.py", "cluster.py", "config_scope.py", "costs.py", "experiment.py",
-    "finetune.py", "flops.py", "jsonio.py", "logs.py", "plan.py", "tables.py", "testing.py", "uncertainty.py",
-    "evaluate",
+    "__init__.py", "assets.py", "calibrate.py", "cluster.py", "config_scope.py", "costs.py",
+    "experiment.py", "finetune.py", "flops.py", "jsonio.py", "logs.py", "plan.py", "preemption.py",
+    "tables.py", "testing.py", "uncertainty.py", "evaluate",
 })  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import preemption
 from .adapters import LINEAR_NAMES, LayerAdapter, ModelAdapter, get_adapter
 from .checks import (
     check_grams,
@@ -272,7 +273,8 @@ def learn_rotations(
         percdamp=settings.pruning.percdamp,
     )
     del grams  # the statistics in `problem` are all training needs
-    result = train_rotation(problem, settings.rotation, progress=progress, description=description)
+    result = train_rotation(problem, settings.rotation, progress=progress, description=description,
+                            callback=preemption.step_callback)  # fmt: skip
     return result.rotation, result.head_blocks, {**result.summary(), "loss_score": settings.loss_score}
 
 
@@ -303,6 +305,7 @@ def prune_groups(
             )[group[0]]
             grams = dict.fromkeys(group, shared)
         for name in group:
+            preemption.check()
             linear = linears[name]
             pruned = prune_weight(
                 settings.pruner,
@@ -434,18 +437,28 @@ def run_pipeline(
     show = progress and sys.stderr.isatty()
     for index in tqdm(range(len(stats), adapter.num_layers), desc="layers", disable=not show):
         layer_started = time.perf_counter()
-        place_layer(adapter, index, device, dtype)
-        check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
-        check_layer_weights(adapter.layers[index], index)
-        r1, hidden, record = process_layer(
-            adapter, index, hidden, inputs.layer_kwargs[index], settings, progress
-        )
+        try:
+            place_layer(adapter, index, device, dtype)
+            check_layer_input(hidden, index, input_ids if index == 0 else None, dtype)
+            check_layer_weights(adapter.layers[index], index)
+            r1, outputs, record = process_layer(
+                adapter, index, hidden, inputs.layer_kwargs[index], settings, progress
+            )
+        except preemption.Preempted:
+            # `hidden` still holds this layer's inputs: the finished layers and they are a checkpoint
+            if checkpoint:
+                checkpoint.save_pending(index, hidden)
+            raise
+        hidden = outputs
         adapter.layers[index] = adapter.layers[index].to("cpu")
         rotations.append(None if r1 is None else r1.to("cpu", torch.float32))
         record["seconds"] = time.perf_counter() - layer_started
         stats.append(record)
         if checkpoint and index < adapter.num_layers - 1:  # after the last layer the job is done
             checkpoint.finished(index, adapter.layers[index], rotations[-1], record, hidden)
+            if preemption.requested():
+                checkpoint.save_pending(index + 1, hidden)
+                preemption.check()
         log.info("%s", describe_layer(record, adapter.num_layers, stats, time.perf_counter() - started))
 
     model.to("cpu")
@@ -565,6 +578,15 @@ class LayerCheckpoint:
         self.pending.clear()
         self.policy.saved(index + 1)
         log.info("checkpoint after layer %d in %s", index, self.folder)
+
+    def save_pending(self, done: int, hidden: list[torch.Tensor]) -> None:
+        """Checkpoint now (a stop was requested): the `done` finished layers, `hidden` being the
+        inputs of layer `done`. Nothing is written when the checkpoint on disk already holds them."""
+        if self.pending:
+            self.save(done - 1, hidden)
+            log.info("stopping after a checkpoint of %d finished layer(s)", done)
+        else:
+            log.info("stopping; the checkpoint on disk holds the %d finished layer(s)", done)
 
     def load_layer(self, index: int) -> dict[str, Any]:
         return torch.load(self.folder / f"layer-{index:04d}.pt", weights_only=True)

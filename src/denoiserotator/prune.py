@@ -20,6 +20,7 @@ from .data import load_calibration
 from .export import load_model, measured_sparsity, save_model
 from .jsonio import write_json
 from .pipeline import PruneSettings, run_pipeline
+from .preemption import handle_signals
 from .pruners import PRUNERS
 from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings
 
@@ -36,7 +37,8 @@ def prune_stage(
 ) -> dict[str, Any]:
     """Rotate and/or prune the HF folder `model_dir` with the calibration ids at `calib_path`;
     write the result folder `out_dir` (loads with `export.load_model`) and `stats_path` (settings,
-    per-layer records, measured sparsity). Nothing is written if the pipeline fails."""
+    per-layer records, measured sparsity). Nothing is written if the pipeline fails. On SIGTERM or
+    SIGUSR1 the finished layers are checkpointed and `preemption.Preempted` is raised."""
     settings.validate()
     check_settings(settings)  # before anything is loaded: e.g. a GPU requested where there is none
     input_ids, calib_meta = load_calibration(calib_path)
@@ -45,7 +47,10 @@ def prune_stage(
     model, tokenizer = load_model(model_dir, dtype=DTYPES[settings.compute.dtype], device="cpu")
     # Outside the output folder: Snakemake removes a failed job's outputs, not this.
     checkpoint_dir = Path(out_dir).parent / f".{Path(out_dir).name}.layers"
-    result = run_pipeline(model, input_ids, settings, progress=progress, checkpoint_dir=checkpoint_dir)
+    # SLURM's SIGTERM before the time limit (the profile's --signal) checkpoints and stops the job
+    # (preemption.Preempted), so the retry resumes after the layers finished so far.
+    with handle_signals():
+        result = run_pipeline(model, input_ids, settings, progress=progress, checkpoint_dir=checkpoint_dir)
     sparsity = measured_sparsity(result.model)
     metadata = {
         "settings": settings.to_dict(),
