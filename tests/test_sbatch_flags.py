@@ -184,19 +184,35 @@ def test_time_requests_stay_within_the_partitions_limit() -> None:
     )
 
 
-def test_a_limit_needing_more_attempts_than_retries_fails_the_plan() -> None:
-    """At a 1-day limit the 70B rotate+prune jobs need three resuming attempts; with the profile's
-    one retry the plan stops, naming the job and the fix, before anything is submitted."""
+def test_the_prune_rule_reserves_its_resuming_attempts_and_one_retry_for_failures(tmp_path: Path) -> None:
+    """At a 1-day limit the 70B rotate+prune jobs need three resuming attempts. The profile's one
+    retry used to be shared between them and every other failure (the plan stopped, asking for
+    more); the prune rule now reserves its attempts plus one retry for a node failure, with the limit
+    from the variables or from the partition file."""
+    from denoiserotator import plan
+    from denoiserotator.cluster import Partition, Site
+
+    exp = costs.load_experiment(
+        str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
+    )
+    limits = {2880: 1, 2160: 2, 1440: 3}
+    for minutes, retries in limits.items():
+        assert plan.prune_retries(exp, Site((Partition("gpu", minutes),), "test"), 1) == retries
+    assert (
+        plan.prune_retries(exp, Site((Partition("gpu", 2880),), "test"), 4) == 4
+    )  # --retries still raises it
+
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DENOISEROTATOR_")}
     environ.update(SLURM_ACCOUNT="acct", DENOISEROTATOR_MAX_RUNTIME="1440")
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "-n", "--forceall",
                "results/tables/main.csv"]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert re.search(r"prune job of (llama3-70b|qwen2.5-72b) .* 3 attempts of 1440 min", log), log[-3000:]
-    assert "--retries 2" in log
-    proc = subprocess.run([*command, "--retries", "2"], cwd=ROOT, env=environ, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    site = tmp_path / "site.yaml"
+    site.write_text("partitions:\n  gpu:\n    max_runtime: 1440\n    max_gpu: 8\n")
+    del environ["DENOISEROTATOR_MAX_RUNTIME"]
+    proc = subprocess.run(command, cwd=ROOT, env={**environ, "SNAKEMAKE_SLURM_PARTITIONS": str(site)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

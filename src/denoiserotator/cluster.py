@@ -1,8 +1,9 @@
 """The cluster a grid runs on, stated once: its partitions and their limits.
 
 The statement is the SLURM executor plugin's own partition file (snakemake-executor-plugin-slurm
-2.8.0, `--slurm-partition-config FILE` or the environment variable SNAKEMAKE_SLURM_PARTITIONS),
-so the plugin and this package read the same limits::
+2.8.0), named by the environment variable SNAKEMAKE_SLURM_PARTITIONS, so the plugin and this
+package read the same limits, in `snakemake -n` as in the run (the plugin's
+`--slurm-partition-config` is not seen by a dry run, and the workflow refuses it alone)::
 
     partitions:
       gpu:                                  # a GPU partition

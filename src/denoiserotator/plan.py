@@ -60,6 +60,27 @@ def grid_jobs(exp: Experiment) -> list[PlannedJob]:
     return calibrate + list(prune_folders.values()) + jobs
 
 
+# Retries a prune job keeps for failures other than its time limit (a node failure, a preemption),
+# on top of the resuming attempts its length needs.
+RETRIES_FOR_FAILURES = 1
+
+
+def prune_retries(exp: Experiment, site: Site, retries: int) -> int:
+    """The prune rule's retries: at least `retries` (Snakemake's --retries, the profile's
+    restart-times), and enough for the longest prune job's resuming attempts on `site` plus
+    RETRIES_FOR_FAILURES, so a 70B job that needs two attempts still survives a node failure.
+    Jobs no partition holds are left to the planning check, which names them."""
+    needed = 1
+    for job in grid_jobs(exp):
+        if job.step == "prune":
+            try:
+                request = costs.job_request(exp, job.model, "prune", job.rotated, job.variant, 1, site)
+            except costs.ResourceLimitError:
+                continue
+            needed = max(needed, request.attempts)
+    return max(retries, needed - 1 + RETRIES_FOR_FAILURES)
+
+
 @dataclass
 class Plan:
     """Requests per (step, model) and the jobs that fit no partition."""

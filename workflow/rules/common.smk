@@ -6,7 +6,7 @@ import os
 
 from snakemake.utils import validate
 
-from denoiserotator import costs
+from denoiserotator import costs, plan
 from denoiserotator.cluster import Partition, Site
 from denoiserotator.experiment import ROW_RE, VARIANT_RE, Experiment, Row
 
@@ -110,9 +110,15 @@ def _rotated(wildcards) -> bool:
 
 
 def _site():
-    # the plugin's --slurm-partition-config, else SNAKEMAKE_SLURM_PARTITIONS, else the older variables
+    # SNAKEMAKE_SLURM_PARTITIONS (read by the plugin too), else the older variables. A file given
+    # only as --slurm-partition-config is not seen by `snakemake -n` (another executor), so the
+    # plan would differ from the run: refused.
     config_file = getattr(getattr(workflow, "executor_settings", None), "partition_config", None)
-    return Site.from_environment(partition_config=config_file)
+    site = Site.from_environment()
+    if config_file and site.source != str(config_file):
+        raise ValueError(f"--slurm-partition-config {config_file}: export SNAKEMAKE_SLURM_PARTITIONS="
+                         f"{config_file} instead, so that planning and the run read the same partitions")
+    return site
 
 
 def _retries() -> int:
@@ -120,11 +126,15 @@ def _retries() -> int:
     return getattr(getattr(workflow, "execution_settings", None), "retries", 0) or 0
 
 
+# the prune rule's own retries: its resuming attempts plus one for other failures (plan.prune_retries)
+PRUNE_RETRIES = plan.prune_retries(EXP, _site(), _retries())
+
+
 def _request(step: str, wildcards, attempt: int) -> dict:
     variant = getattr(wildcards, "variant", None) if step == "prune" else None
     args = (EXP, _model_of(wildcards), step, _rotated(wildcards), variant, attempt, _site())
     if workflow.is_main_process:  # planning: refuse what fits no partition, retries included
-        retries = _retries() if step == "prune" and attempt == 1 else None
+        retries = PRUNE_RETRIES if step == "prune" and attempt == 1 else None
         return costs.job_request(*args, retries=retries).resources(os.environ)
     # a spawned job re-evaluates its resources with `--retries 0 --attempt 1`, where a check could
     # only kill a job that the plan already allowed

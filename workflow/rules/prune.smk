@@ -11,6 +11,7 @@ rule prune:
     benchmark:
         "results/benchmarks/prune/{model}/{calib}/{variant}.tsv"
     threads: get_threads("prune")
+    retries: PRUNE_RETRIES
     resources:
         slurm_partition=get_resource("prune", "slurm_partition"),
         mem_mb=get_resource("prune", "mem_mb"),
