@@ -23,6 +23,7 @@ above every partition's limits is refused at planning time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -234,6 +235,9 @@ def _uncapped_runtime(
     elif step == "prune" and rotated:
         fallback = 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
         minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
+    elif step == "finetune" and shape is not None:
+        gpu_model = partition.gpu_model if partition is not None else None
+        minutes += COMPUTE_MARGIN * finetune_seconds(exp, model, gpu_model) / 60
     elif step == "finetune":
         minutes += 10 * size * exp.lora.steps / 1024 * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
     return int(minutes)
@@ -321,6 +325,22 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
     )
 
 
+def finetune_seconds(exp: Experiment, model: str, gpu_model: str | None = None) -> float:
+    """Modelled seconds of LoRA training (no margin): per step, batch_size × seqlen tokens forward
+    (`flops.layer_forward` over the layers plus the head), backward twice that (activation
+    gradients through the frozen linears, attention, the adapters), and a third forward with
+    gradient checkpointing; in the model's dtype on `compute_device`."""
+    shape = _shape_with_vocab(exp, model)
+    if shape is None:
+        raise ValueError(f"model {model!r} has no shape fields ({', '.join(flops.LayerShape.FIELDS)})")
+    lora, data = exp.lora, exp.finetune_data
+    tokens = lora.batch_size * data.seqlen
+    precision = flops.precision_of(exp.model_dtype(model))
+    forward = flops.perplexity_forward(shape, tokens, data.seqlen, precision)
+    passes = 3 + (1 if lora.gradient_checkpointing else 0)
+    return flops.seconds(forward * (passes * lora.steps), compute_device(exp, gpu_model))
+
+
 def prune_seconds(
     exp: Experiment, model: str, rotated: bool, variant: str | None = None, gpu_model: str | None = None
 ) -> float:
@@ -360,6 +380,47 @@ def gpu_request(count: int, environ: Mapping[str, str], gpu_model: str | None = 
     if flag == "gres":
         return {"gpu": 0, "gpu_model": "", "gres": f"gpu:{model}:{count}" if model else f"gpu:{count}"}
     return {"gpu": count, "gpu_model": model, "gres": ""}
+
+
+LORA_GPU_OVERHEAD_GIB = 2.0  # CUDA context, allocator slack and the optimizer step's temporaries
+
+
+def _shape_with_vocab(exp: Experiment, model: str) -> flops.LayerShape | None:
+    """The entry's shape with the vocabulary recovered from params_b (embedding and head: the
+    parameters the decoder linears leave)."""
+    shape = flops.LayerShape.from_entry(exp.models[model])
+    if shape is None:
+        return None
+    rest = exp.models[model]["params_b"] * 1e9 - shape.layers * shape.layer_params
+    return dataclasses.replace(shape, vocab=max(0, int(rest / (2 * shape.hidden))))
+
+
+def lora_gpu_bytes(
+    shape: flops.LayerShape,
+    loaded: float,
+    lora: Any,
+    seqlen: int,
+    itemsize: int,
+    checkpointing: bool,
+) -> float:
+    """GPU memory of LoRA training on one GPU: `loaded` bytes of the folder's tensors, the adapters
+    with their gradients and AdamW state (`flops.lora_parameters` × 16 B), one micro-batch's
+    activations (`flops.lora_activation_bytes`, measured by bench/lora_memory.py) and
+    LORA_GPU_OVERHEAD_GIB. `lora`: the LoraSettings (r, batch_size, micro_batch_size)."""
+    tokens = (lora.micro_batch_size or lora.batch_size) * seqlen
+    adapters = flops.lora_parameters(shape, lora.r) * flops.LORA_ADAPTER_BYTES_PER_PARAMETER
+    activations = flops.lora_activation_bytes(shape, tokens, itemsize, checkpointing)
+    return loaded + adapters + activations + LORA_GPU_OVERHEAD_GIB * 2**30
+
+
+def finetune_gpu_bytes(exp: Experiment, model: str, rotated: bool, checkpointing: bool) -> float | None:
+    """`lora_gpu_bytes` of a row of the grid (`loaded_bytes`); None without the entry's shape."""
+    shape = _shape_with_vocab(exp, model)
+    if shape is None:
+        return None
+    itemsize = BYTES_PER_PARAMETER[exp.model_dtype(model)]
+    return lora_gpu_bytes(shape, loaded_bytes(exp, model, rotated), exp.lora, exp.finetune_data.seqlen,
+                          itemsize, checkpointing)  # fmt: skip
 
 
 def prune_gpu_bytes(exp: Experiment, model: str) -> float | None:
@@ -430,6 +491,14 @@ def job_request(
                 raise ResourceLimitError(
                     f"one decoder layer's rotation and pruning need ≈ {layer / 2**30:.0f} GiB of GPU "
                     f"memory, more than one {partition.gpu_model} ({partition.gpu_memory_gib:g} GiB)"
+                )
+            lora = finetune_gpu_bytes(exp, model, rotated, True) if step == "finetune" and count > 0 else None
+            if lora is not None and lora > partition.gpu_memory_gib * 2**30:
+                raise ResourceLimitError(
+                    f"LoRA fine-tuning holds the whole model on one GPU and needs ≈ {lora / 2**30:.0f} "
+                    f"GiB even with gradient checkpointing, more than one {partition.gpu_model} "
+                    f"({partition.gpu_memory_gib:g} GiB); multi-GPU LoRA is not implemented: leave "
+                    f"{model} out of finetune.rows"
                 )
             memory = mem_mb(exp, model, step, attempt, partition)
             minutes = runtime(exp, model, step, rotated, attempt, variant, partition)

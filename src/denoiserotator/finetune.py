@@ -15,6 +15,8 @@ never trained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from . import costs
+from . import costs, flops
 from .adapters import LINEAR_NAMES, get_adapter
 from .export import (
     folder_loaded_bytes,
@@ -38,6 +40,8 @@ from .export import (
 from .jsonio import write_json
 from .modeling_denoiserotator import get_boundary_rotations
 from .settings import DTYPES, ComputeSettings, FinetuneDataSettings, LoraSettings
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # masks
@@ -241,19 +245,39 @@ def training_ids(
     return ids, meta
 
 
-def check_fits_one_gpu(weights_bytes: float, gpu_bytes: float, device: str) -> None:
-    """LoRA trains the whole model on one GPU (no model parallelism here): fail in one line, before
-    a 140 GB model is read, when its weights and the reserve the GPU requests are sized with
-    (`costs.EVAL_GPU_RESERVE_GIB`: adapters, Adam state, one micro-batch's activations) exceed it."""
-    reserve = costs.EVAL_GPU_RESERVE_GIB
-    needed = weights_bytes + reserve * 2**30
-    if needed > gpu_bytes:
-        raise RuntimeError(
-            f"LoRA fine-tuning holds the whole model on one GPU: {weights_bytes / 2**30:.1f} GiB of "
-            f"weights + {reserve:g} GiB for training do not fit {device} "
-            f"({gpu_bytes / 2**30:.1f} GiB). Multi-GPU LoRA is not implemented; leave this model out "
-            "of finetune.rows (docs/cluster.md)"
-        )
+def plan_gpu_memory(
+    model_dir: Path,
+    settings: LoraSettings,
+    data: FinetuneDataSettings,
+    dtype: torch.dtype,
+    gpu_bytes: float,
+    device: str,
+) -> LoraSettings:
+    """LoRA trains the whole model on one GPU (no model parallelism here). From the folder's config
+    and tensors (`costs.lora_gpu_bytes`, the memory model the job's request was checked with):
+    the settings to train with, gradient checkpointing switched on when the activations would not
+    fit otherwise. RuntimeError, before a 140 GB model is read, when even that does not fit."""
+    from transformers import AutoConfig
+
+    shape = flops.LayerShape.from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
+    loaded = folder_loaded_bytes(model_dir, dtype)
+
+    def need(checkpointing: bool) -> float:
+        return costs.lora_gpu_bytes(shape, loaded, settings, data.seqlen, dtype.itemsize, checkpointing)
+
+    if settings.gradient_checkpointing or need(False) <= gpu_bytes:
+        return settings
+    if need(True) <= gpu_bytes:
+        without, with_it = need(False) / 2**30, need(True) / 2**30
+        log.info("gradient checkpointing on: LoRA needs %.1f GiB without it, %.1f GiB with it, "
+                 "on %s (%.1f GiB)", without, with_it, device, gpu_bytes / 2**30)  # fmt: skip
+        return dataclasses.replace(settings, gradient_checkpointing=True)
+    raise RuntimeError(
+        f"LoRA fine-tuning holds the whole model on one GPU: {loaded / 2**30:.1f} GiB of weights, "
+        f"{need(True) / 2**30:.1f} GiB in all even with gradient checkpointing, do not fit {device} "
+        f"({gpu_bytes / 2**30:.1f} GiB). Multi-GPU LoRA is not implemented; leave this model out "
+        "of finetune.rows (docs/cluster.md)"
+    )
 
 
 def finetune_stage(
@@ -265,13 +289,15 @@ def finetune_stage(
     compute: ComputeSettings,
 ) -> dict[str, Any]:
     """LoRA-train the saved (pruned) folder `model_dir` on `data`, merge, re-apply the mask, and
-    write the folder `out` and the stats JSON `stats_path` (returned). Raises RuntimeError before
-    loading anything when the model does not fit the one GPU it trains on."""
+    write the folder `out` and the stats JSON `stats_path` (returned). On CUDA, gradient
+    checkpointing is switched on when the memory model says the activations would not fit
+    (`plan_gpu_memory`); RuntimeError before loading anything when the model cannot fit the one
+    GPU it trains on."""
     device = compute.resolved_device()
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
-        weights = folder_loaded_bytes(model_dir, DTYPES[compute.dtype])
-        check_fits_one_gpu(weights, torch.cuda.get_device_properties(index).total_memory, device)
+        total = torch.cuda.get_device_properties(index).total_memory
+        settings = plan_gpu_memory(model_dir, settings, data, DTYPES[compute.dtype], total, device)
     model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
     ids, data_meta = training_ids(data.source, tokenizer, data.n_sequences, data.seqlen, settings.seed)
     model, stats = lora_finetune(model, ids, settings)

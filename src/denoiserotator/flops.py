@@ -508,6 +508,46 @@ def zeroshot_forward(params: float, tokens: int, precision: str = "bf16") -> Wor
 # memory
 
 
+# What autograd keeps per token for backward in LoRA training (peft, all seven linears, dropout,
+# SDPA attention), parameters excluded, in values of the compute dtype: measured with
+# torch.autograd.graph.saved_tensors_hooks on tiny Llama configs and fitted (bench/lora_memory.py;
+# tests/test_finetune.py re-measures an unseen shape). Per decoder layer 17.8 values per hidden
+# unit and 5.0 per intermediate unit; with gradient checkpointing only the layer's input (1 value
+# per hidden unit); the logits: 1 fp32 value per vocabulary entry.
+LORA_SAVED_PER_HIDDEN = 17.8
+LORA_SAVED_PER_INTERMEDIATE = 5.0
+LORA_ADAPTER_BYTES_PER_PARAMETER = 16  # fp32 value, gradient, Adam's two moments
+
+
+LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_parameters(shape: LayerShape, rank: int, targets: Iterable[str] = LORA_TARGETS) -> int:
+    """Trainable LoRA parameters: rank · (in + out) per adapted linear and layer."""
+    linears = shape.linears()
+    return shape.layers * rank * sum(sum(linears[name]) for name in targets)
+
+
+def lora_saved_bytes(
+    shape: LayerShape, tokens: int, itemsize: int, checkpointing: bool, vocab: int | None = None
+) -> float:
+    """What autograd keeps for backward in one LoRA micro-batch of `tokens` tokens: every layer's
+    saved activations (or, with `checkpointing`, each layer's input), the embedding output and the
+    fp32 logits; parameters excluded."""
+    layer = LORA_SAVED_PER_HIDDEN * shape.hidden + LORA_SAVED_PER_INTERMEDIATE * shape.intermediate
+    kept = shape.layers * (shape.hidden if checkpointing else layer) + shape.hidden
+    return tokens * (kept * itemsize + 4 * (shape.vocab if vocab is None else vocab))
+
+
+def lora_activation_bytes(
+    shape: LayerShape, tokens: int, itemsize: int, checkpointing: bool, vocab: int | None = None
+) -> float:
+    """Peak activation memory of one LoRA micro-batch: `lora_saved_bytes` plus one layer's worth in
+    flight during backward (its activation gradients, or its recomputation with checkpointing)."""
+    layer = LORA_SAVED_PER_HIDDEN * shape.hidden + LORA_SAVED_PER_INTERMEDIATE * shape.intermediate
+    return lora_saved_bytes(shape, tokens, itemsize, checkpointing, vocab) + tokens * layer * itemsize
+
+
 def rotation_memory_bytes(shape: LayerShape, score: str) -> int:
     """Estimated peak device memory of `train_rotation` on one layer, fp32: the frozen weights,
     what autograd keeps per linear for backward (fused weight, scores, weighted scores,

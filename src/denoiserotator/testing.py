@@ -112,6 +112,33 @@ def save_tiny_model(family: str, out_dir: Path, seed: int = 0, num_layers: int =
     return out_dir
 
 
+def lora_saved_bytes(model: PreTrainedModel, input_ids: torch.Tensor, checkpointing: bool) -> int:
+    """Bytes of the tensors autograd saves for backward in one LoRA forward of `input_ids` through
+    `model` (peft adapters on all seven linears, dropout, training mode), parameters excluded:
+    the measurement behind `flops.lora_activation_bytes`."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    if checkpointing:
+        base = peft_model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    parameters = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        peft_model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    return sum(saved.values())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random model folder (for tests and CI).")
     parser.add_argument("--family", choices=FAMILIES, default="llama")

@@ -1,0 +1,70 @@
+"""What LoRA training keeps for backward, per token: the measurement behind the LoRA GPU-memory
+model (`flops.lora_saved_bytes`, `costs.finetune_gpu_bytes`). JSON out; not a timed test.
+
+    .venv/bin/python bench/lora_memory.py --out bench/results/lora_memory.json
+
+For tiny Llama configs of several widths, depths and vocabularies (fp32, SDPA attention, peft
+adapters on all seven linears with dropout, training mode), the bytes of the tensors autograd
+saves in one forward (`testing.lora_saved_bytes`: parameters excluded), per token, with and
+without gradient checkpointing; then the least-squares fit per layer·hidden, layer·intermediate,
+layer·heads·seqlen (attention probabilities: 0 with SDPA), vocabulary, hidden and a constant,
+in bytes and in fp32 values. The constants in `flops` round these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from denoiserotator.testing import lora_saved_bytes, tiny_config
+
+# (hidden, intermediate, heads, layers, vocab, seqlen)
+SHAPES = [(64, 160, 4, 2, 384, 64), (64, 160, 4, 3, 384, 64), (128, 160, 4, 2, 384, 64),
+          (64, 320, 4, 2, 384, 64), (128, 352, 8, 2, 384, 32), (64, 160, 4, 2, 768, 64),
+          (128, 320, 8, 3, 768, 64), (96, 256, 4, 2, 512, 32), (64, 160, 8, 2, 384, 128)]  # fmt: skip
+FEATURES = ["layers*hidden", "layers*intermediate", "layers*heads*seqlen", "vocab", "hidden", "constant"]
+
+
+def measure(
+    hidden: int, intermediate: int, heads: int, layers: int, vocab: int, seqlen: int, checkpointing: bool
+) -> float:
+    config = tiny_config("llama", num_layers=layers, vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2, head_dim=hidden // heads)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(0, vocab, (2, seqlen), generator=torch.Generator().manual_seed(0))
+    return lora_saved_bytes(model, ids, checkpointing) / ids.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = np.array([[n * d, n * f, n * h * s, v, d, 1] for d, f, h, n, v, s in SHAPES], dtype=float)
+    report: dict = {"shapes": SHAPES, "features": FEATURES}
+    for checkpointing in (False, True):
+        per_token = np.array([measure(*shape, checkpointing) for shape in SHAPES])
+        coefficients, *_ = np.linalg.lstsq(rows, per_token, rcond=None)
+        fitted = rows @ coefficients
+        report["checkpointing" if checkpointing else "no_checkpointing"] = {
+            "bytes_per_token": per_token.round(1).tolist(),
+            "coefficients_bytes": dict(zip(FEATURES, coefficients.round(3).tolist(), strict=True)),
+            "coefficients_fp32_values": dict(
+                zip(FEATURES, (coefficients / 4).round(3).tolist(), strict=True)
+            ),
+            "max_relative_residual": float(np.abs(fitted - per_token).max() / per_token.min()),
+        }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
