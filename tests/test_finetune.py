@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -250,3 +251,61 @@ def test_lora_rows_that_no_gpu_holds_are_refused_at_planning() -> None:
     for model in ("llama3-8b", "qwen2.5-14b"):
         assert costs.job_request(exp, model, "finetune", rotated=True, site=site).gpus == 1
     assert costs.finetune_gpu_bytes(exp, "qwen2.5-14b", True, False) > 80 * 2**30  # needs checkpointing
+
+
+def test_lora_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A LoRA job stopped by SLURM's SIGTERM writes its training state (adapters, AdamW, schedule,
+    dropout RNG, losses) and stops; the retry resumes after the steps done, and the merged model
+    and loss curve equal an uninterrupted run's bit for bit. A checkpoint of other settings is
+    discarded."""
+    import os
+    import signal
+
+    from denoiserotator import finetune
+    from denoiserotator.preemption import Preempted, handle_signals
+
+    ids = train_batch()
+    settings = LoraSettings(
+        steps=8, batch_size=4, micro_batch_size=2, warmup_steps=2, lr=1e-2, dropout=0.1, seed=0
+    )
+    reference, reference_stats = lora_finetune(pruned_rotated_model("llama"), ids, settings, progress=False)
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def clip_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 3, as slurmstepd sends it
+        return real_clip(*args, **kwargs)
+
+    def checkpoint() -> finetune.TrainingCheckpoint:
+        return finetune.TrainingCheckpoint(tmp_path, finetune.TrainingCheckpoint.key_of(settings, ids), 0)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_signal)
+        with handle_signals(), pytest.raises(Preempted):
+            lora_finetune(
+                pruned_rotated_model("llama"), ids, settings, progress=False, checkpoint=checkpoint()
+            )
+    assert torch.load(tmp_path / "training.pt", weights_only=False)["step"] == 3
+
+    steps_run: list[int] = []
+
+    def counting_clip(*args, **kwargs):
+        steps_run.append(1)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    resumed, stats = lora_finetune(
+        pruned_rotated_model("llama"), ids, settings, progress=False, checkpoint=checkpoint()
+    )
+    assert len(steps_run) == settings.steps - 3  # resumed after the 3 steps done, not from scratch
+    assert stats["train_loss"] == reference_stats["train_loss"]
+    for expected, actual in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(expected, actual)
+
+    other = dataclasses.replace(settings, lr=5e-3)
+    stale = finetune.TrainingCheckpoint(tmp_path, finetune.TrainingCheckpoint.key_of(other, ids), 0)
+    assert stale.load() is None and not (tmp_path / "training.pt").exists()

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from . import costs, flops
+from . import costs, flops, preemption
 from .adapters import LINEAR_NAMES, get_adapter
 from .export import (
     folder_loaded_bytes,
@@ -122,14 +127,62 @@ def _curve_summary(losses: list[float], points: int = 100) -> dict[str, Any]:
     }
 
 
+class TrainingCheckpoint:
+    """LoRA progress on disk, so a job stopped at its time limit resumes where it was: the
+    adapters, AdamW's and the schedule's state, the RNG state (dropout) and the losses so far, in
+    one file replaced atomically, keyed by the settings that change training and the training ids
+    (a checkpoint of anything else is discarded). Written every `every_minutes` minutes and when
+    SLURM's SIGTERM arrives (`preemption`)."""
+
+    def __init__(self, folder: Path, key: str, every_minutes: float) -> None:
+        self.path = Path(folder) / "training.pt"
+        self.key = key
+        self.every_seconds = 60.0 * every_minutes
+        self.last = time.monotonic()
+
+    @staticmethod
+    def key_of(settings: LoraSettings, train_ids: torch.Tensor) -> str:
+        identity = {k: v for k, v in settings.to_dict().items() if k != "gradient_checkpointing"}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+        digest.update(train_ids.numpy().tobytes())
+        return digest.hexdigest()
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        if state.get("key") != self.key:
+            log.info("discarding the LoRA checkpoint %s: it belongs to other settings or data", self.path)
+            self.path.unlink()
+            return None
+        return state
+
+    def due(self) -> bool:
+        return self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".tmp")
+        torch.save({"key": self.key, **state}, partial)
+        os.replace(partial, self.path)
+        self.last = time.monotonic()
+        log.info("LoRA checkpoint after step %d in %s", state["step"], self.path)
+
+
 def lora_finetune(
-    model: PreTrainedModel, train_ids: torch.Tensor, settings: LoraSettings, progress: bool = True
+    model: PreTrainedModel,
+    train_ids: torch.Tensor,
+    settings: LoraSettings,
+    progress: bool = True,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Train LoRA adapters on `train_ids` (n, seqlen), merge them and restore the pruning mask.
 
     Returns the merged model (the same module tree as `model`, without peft wrappers) and stats:
     settings, measured sparsity before/after, loss on the first training batch before/after
-    (eval mode), and a summary of the training-loss curve.
+    (eval mode), and a summary of the training-loss curve. With `checkpoint`, training resumes
+    from it and is saved to it (`TrainingCheckpoint`); a resumed run equals an uninterrupted one.
+    Raises preemption.Preempted after checkpointing when SIGTERM/SIGUSR1 arrives.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -167,13 +220,44 @@ def lora_finetune(
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     device = _device_of(peft_model)
     losses: list[float] = []
+    adapters = [name for name, param in peft_model.named_parameters() if param.requires_grad]
+    batches = _batches(len(train_ids), settings.batch_size, settings.steps, settings.seed)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        parameters = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name in adapters:
+                parameters[name].copy_(saved["adapters"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        losses = list(saved["losses"])
+        log.info("resuming LoRA training after step %d of %d", len(losses), settings.steps)
+
+    def training_state() -> dict[str, Any]:
+        parameters = dict(peft_model.named_parameters())
+        return {
+            "step": len(losses),
+            "adapters": {name: parameters[name].detach().to("cpu", copy=True) for name in adapters},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "losses": list(losses),
+        }
+
     peft_model.train()
     bar = tqdm(
-        _batches(len(train_ids), settings.batch_size, settings.steps, settings.seed),
+        batches[len(losses) :],
         desc="lora",
         disable=not progress or not sys.stderr.isatty(),
     )
     for indices in bar:
+        if checkpoint is not None and (checkpoint.due() or preemption.requested()):
+            checkpoint.save(training_state())
+        preemption.check()
         batch = train_ids[indices]
         step_loss = 0.0
         for start in range(0, len(batch), micro):
@@ -300,12 +384,18 @@ def finetune_stage(
         settings = plan_gpu_memory(model_dir, settings, data, DTYPES[compute.dtype], total, device)
     model, tokenizer = load_model(model_dir, dtype=DTYPES[compute.dtype], device=device)
     ids, data_meta = training_ids(data.source, tokenizer, data.n_sequences, data.seqlen, settings.seed)
-    model, stats = lora_finetune(model, ids, settings)
+    # Outside the output folder: Snakemake removes a failed job's outputs, not this.
+    checkpoint_dir = Path(out).parent / f".{Path(out).name}.training"
+    checkpoint = TrainingCheckpoint(checkpoint_dir, TrainingCheckpoint.key_of(settings, ids),
+                                    compute.checkpoint_every_minutes)  # fmt: skip
+    with preemption.handle_signals():
+        model, stats = lora_finetune(model, ids, settings, checkpoint=checkpoint)
     stats.update(model=str(model_dir), train=data_meta, dtype=compute.dtype)
     metadata = {key: value for key, value in read_metadata(model_dir).items() if key != "export"}
     metadata["finetune"] = {key: value for key, value in stats.items() if key != "train_loss"}
     save_model(model, tokenizer, out, metadata=metadata)
     write_json(stats_path, stats)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return stats
 
 
