@@ -335,3 +335,38 @@ def test_memory_requests_stay_within_a_nodes_memory(
     monkeypatch.setenv(costs.MAX_MEM_VARIABLE, "250GB")
     with pytest.raises(costs.ResourceLimitError, match=r"DENOISEROTATOR_MAX_MEM_MB='250GB'.*whole MB"):
         costs.mem_mb(paper, "llama3-8b", "prune")
+
+
+def _planned(exp: Experiment) -> dict[str, object]:
+    """Every output path of the grid with the params its prune job gets (what Snakemake compares)."""
+    planned: dict[str, object] = {path: None for path in exp.table_inputs()}
+    for row in exp.rows():
+        if row.prune_dir:
+            model, calib, variant = row.prune_dir.split("/")[2:]
+            planned[row.prune_dir] = exp.prune_params(model, calib, variant)
+    return planned
+
+
+def test_an_unused_optimizers_knob_renames_and_reruns_nothing() -> None:
+    """`rotation` holds three optimizers' knobs; a row's id and its job's params carry only the
+    selected one's, so tuning the paper optimizer's Adam betas while `cayley` is selected plans
+    nothing new, while `steps` or cayley's own step size replans exactly the rotated rows."""
+    base = Experiment(load("demo.yaml"))
+    assert base.rotation.optimizer == "cayley"
+    before = _planned(base)
+    for unused in ({"betas": [0.5, 0.9]}, {"lr": 0.5}, {"history": 3}, {"clip": 2.0}):
+        assert _planned(Experiment(load("demo.yaml", rotation=unused))) == before, unused
+    for used in ({"steps": 7}, {"tangent_lr": 0.05}, {"tol": 0.01}):
+        after = _planned(Experiment(load("demo.yaml", rotation=used)))
+        changed = {path for path in after if path not in before or after[path] != before[path]}
+        assert changed and all("dr-" in path for path in changed), used
+        kept = {path for path in before if "dr-" not in path}
+        assert all(after.get(path) == before[path] for path in kept), used
+    # with `paper` selected the roles swap
+    paper = Experiment(load("demo.yaml", rotation={"optimizer": "paper"}))
+    assert _planned(
+        Experiment(load("demo.yaml", rotation={"optimizer": "paper", "tangent_lr": 0.5}))
+    ) == _planned(paper)
+    assert _planned(Experiment(load("demo.yaml", rotation={"optimizer": "paper", "lr": 0.5}))) != _planned(
+        paper
+    )

@@ -121,6 +121,9 @@ def test_the_plan_check_finds_no_job_over_a_48h_80gb_8gpu_1tb_site() -> None:
     assert "| calibrate | llama3-70b | 1 | cpu | 0 |" in proc.stdout
     result = plan.plan(paper(), Site.from_file(SITE_48H), retries=1)
     assert f"{result.gpu_hours:.0f} GPU-hours asked" in proc.stdout and result.gpu_hours > 1000
+    # the disk the grid's folders take (fp32 rows stay fp32: rotation-only = dense holds to 1e-5)
+    assert f"{result.folder_bytes / 1e12:.1f} TB of model folders written" in proc.stdout
+    assert 10e12 < result.folder_bytes < 13e12
 
 
 def test_the_plan_check_lists_what_a_small_site_cannot_run(tmp_path: Path) -> None:

@@ -5,9 +5,13 @@ Run by `make test-slurm` (.ci/slurm/test-slurm.sh), which starts the cluster fir
 recorded (`sacct`), not what Snakemake says it asked for:
 
 1. every submitted job ran under the account from the environment with exactly the memory,
-   CPUs and GPUs (count and model) its rule declared, and GPU rules really got a GPU;
+   CPUs and GPUs (count and model) its rule declared, GPU rules really got a GPU, and jobs were
+   routed by kind (the site's partition file: CPU-only jobs in the CPU partition);
 2. a second invocation submits nothing;
-3. changing one parameter (rotation steps) resubmits exactly the jobs that depend on it.
+3. changing one parameter (rotation steps) resubmits exactly the jobs that depend on it;
+4. a prune job longer than its partition's MaxTime is stopped by SLURM, checkpoints on SIGTERM,
+   resumes in the next attempt and ends with weights identical to an uninterrupted run;
+5. a memory request too small for its job fails visibly (the step is killed, sacct says so).
 
 The cluster tests share one copy of the repository and run in order (each builds on the last).
 """
@@ -51,6 +55,12 @@ def job_key(job: SubmittedJob) -> tuple[str, str]:
     """A job's identity with the rotation hash blanked (it is what the change renames)."""
     return job.rule, ROTATION_HASH.sub("dr-*", job.wildcards)
 
+
+# The local cluster's partitions (.ci/slurm/start-local-slurm.sh), stated once for the plugin and
+# the workflow: GPU jobs to "gpu", CPU-only jobs (calibrate, sparsity) to "debug".
+SITE = {"partitions": {"gpu": {"max_gpu": 2, "available_gpu_models": [GPU_MODEL or "a100"]},
+                       "debug": {"max_gpu": 0}}}  # fmt: skip
+CPU_RULES = {"calibrate", "sparsity"}
 
 # Poll quickly: the default first status check comes after 40 s, then every 10+ s.
 TEST_PROFILE = {
@@ -136,7 +146,7 @@ def parse_tres(tres: str) -> dict[str, str]:
 
 def sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     """Allocation records (no steps) of the given jobs, as SLURM's accounting stored them."""
-    fields = ["JobID", "State", "Account", "ReqTRES", "AllocTRES", "Comment"]
+    fields = ["JobID", "State", "Account", "Partition", "ReqTRES", "AllocTRES", "Comment"]
     out = subprocess.run(
         ["sacct", "-X", "-P", "-n", "-j", ",".join(job_ids), "-o", ",".join(fields)],
         capture_output=True,
@@ -163,15 +173,9 @@ def account_job_count(since: str) -> int:
     return len(out.split())
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not _cluster_up():
-        message = "no SLURM controller answers `scontrol ping` (start .ci/slurm/start-local-slurm.sh)"
-        if os.environ.get("DENOISEROTATOR_REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    # a copy of the working tree as git sees it (tracked + untracked, not ignored), so the
-    # test neither reads nor writes results/ of the checkout it runs from
+def _copy_repository(dest: Path) -> Path:
+    """A copy of the working tree as git sees it (tracked + untracked, not ignored), so the test
+    neither reads nor writes results/ of the checkout it runs from."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -182,7 +186,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         .stdout.decode()
         .split("\0")
     )
-    dest = tmp_path_factory.mktemp("slurm-repo")
     for rel in filter(None, files):
         src = ROOT / rel
         if not src.exists() and not src.is_symlink():
@@ -195,20 +198,36 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(src, target)
     (dest / ".test-profile").mkdir()
     (dest / ".test-profile" / "profile.yaml").write_text(yaml.safe_dump(TEST_PROFILE))
+    (dest / "site.yaml").write_text(yaml.safe_dump(SITE))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not _cluster_up():
+        message = "no SLURM controller answers `scontrol ping` (start .ci/slurm/start-local-slurm.sh)"
+        if os.environ.get("DENOISEROTATOR_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    dest = _copy_repository(tmp_path_factory.mktemp("slurm-repo"))
     (dest / ".change.yaml").write_text(yaml.safe_dump(CHANGE))
     return dest
 
 
-def snakemake(workdir: Path, *extra: str) -> Run:
-    """`snakemake --profile slurm` exactly as a user runs it, plus fast status polling."""
+def snakemake(
+    workdir: Path, *extra: str, targets: list[str] | None = None, config: str = CONFIG, **environ: str
+) -> Run:
+    """`snakemake --profile slurm` exactly as a user runs it, plus fast status polling, with the
+    site's partition file in SNAKEMAKE_SLURM_PARTITIONS."""
     cmd = [
         "timeout", "-k", "30", str(SNAKEMAKE_TIMEOUT_S),
         sys.executable, "-m", "snakemake", "--profile", "slurm", "--profile", ".test-profile",
-        *TARGETS, "--configfile", CONFIG, *extra,
+        *(TARGETS if targets is None else targets), "--configfile", config, *extra,
     ]  # fmt: skip
     # the test config computes on the CPU but requests compute.gpus (1) GPUs per GPU rule, so
     # GPU scheduling on the (fake) GPUs is what gets tested
-    env = dict(os.environ, SLURM_ACCOUNT=ACCOUNT, DENOISEROTATOR_GPU_MODEL=GPU_MODEL)
+    env = dict(os.environ, SLURM_ACCOUNT=ACCOUNT, DENOISEROTATOR_GPU_MODEL=GPU_MODEL,
+               SNAKEMAKE_SLURM_PARTITIONS=str(workdir / "site.yaml"), **environ)  # fmt: skip
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode in (124, 137):
@@ -237,6 +256,8 @@ def test_jobs_ran_with_declared_resources(first_run: Run) -> None:
         assert rec["Account"] == ACCOUNT, f"{where}: {rec}"
         # the plugin's comment names the rule: ties the SLURM record to the Snakemake job
         assert rec["Comment"].startswith(f"rule_{job.rule}"), f"{where}: {rec}"
+        # routed by kind by the site's partition file
+        assert rec["Partition"] == ("debug" if job.rule in CPU_RULES else "gpu"), f"{where}: {rec}"
         for column in ("ReqTRES", "AllocTRES"):
             tres = parse_tres(rec[column])
             assert job.mem_mb is not None, f"{where} declared no mem_mb"
@@ -281,6 +302,82 @@ def test_changed_parameter_resubmits_only_affected_jobs(workdir: Path, first_run
     # and after that, nothing is left to do again
     again = snakemake(workdir, "--configfile", CONFIG, ".change.yaml")
     assert again.returncode == 0 and again.jobs == [], again.log[-4000:]
+
+
+# A prune job longer than the "short" partition's MaxTime (1 min): six tiny layers of ~15 s of
+# rotation each (10000 steps, no stopping rule), no checkpoint due by count or time, so only the
+# SIGTERM SLURM sends at the limit saves progress (KillWait 30 s before SIGKILL).
+LONG_PRUNE = {
+    "models": [{"slug": "tiny-llama", "source": "tiny:llama", "paper_name": None, "params_b": 0.001,
+                "num_layers": 6, "resources": {"prune": {"runtime": 1}}}],
+    "dense": False, "pruners": ["wanda"], "patterns": ["50%"], "rotations": ["denoise"],
+    "rotation_only": False, "finetune": {"rows": []},
+    "rotation": {"steps": 10000, "tol": 0.0, "backoff": 0, "rise_limit": 1.0e9},
+    "compute": {"checkpoint_every_layers": 0, "checkpoint_every_minutes": 0},
+}  # fmt: skip
+SHORT = {"max_runtime": 1, "max_gpu": 2, "available_gpu_models": [GPU_MODEL or "a100"]}
+SHORT_SITE = {"partitions": {"short": SHORT, "debug": {"max_gpu": 0}}}
+
+
+def _long_prune_workdir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, str]:
+    from denoiserotator.costs import load_experiment
+
+    dest = _copy_repository(tmp_path_factory.mktemp(name))
+    config = yaml.safe_load((dest / CONFIG).read_text())
+    merged = {section: {**config[section], **LONG_PRUNE[section]} for section in ("rotation", "compute")}
+    config.update({**LONG_PRUNE, **merged})
+    (dest / "long.yaml").write_text(yaml.safe_dump(config))
+    (dest / "site.yaml").write_text(yaml.safe_dump(SHORT_SITE))
+    exp = load_experiment(str(dest / "long.yaml"), str(dest / "workflow/schemas/config.schema.yaml"))
+    (row,) = [r for r in exp.rows() if r.prune_dir]
+    return dest, f"{row.prune_dir}/stats.json"
+
+
+@pytest.mark.slurm
+def test_a_prune_job_over_maxtime_resumes_over_attempts_to_identical_weights(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    if not _cluster_up():
+        pytest.skip("no SLURM controller")
+    workdir, target = _long_prune_workdir(tmp_path_factory, "slurm-long")
+    # the signal SLURM sends at the time limit itself, not the profile's 15 min ahead of it
+    run = snakemake(
+        workdir, "--retries", "5", targets=[target], config="long.yaml", DENOISEROTATOR_SIGNAL_SECONDS="0"
+    )
+    assert run.returncode == 0, run.log[-8000:]
+    prunes = [j for j in run.jobs if j.rule == "prune"]
+    records = sacct([j.slurm_id for j in prunes])
+    states = [records[j.slurm_id]["State"] for j in prunes]
+    assert len(prunes) >= 2 and states[0] == "TIMEOUT" and states[-1] == "COMPLETED", states
+    assert all(records[j.slurm_id]["Partition"] == "short" for j in prunes)
+    # no checkpoint is ever due: the one the retry resumes from was written on SLURM's SIGTERM
+    prune_log = next((workdir / "results/logs/prune").rglob("*.log")).read_text()
+    assert re.search(r"resuming after layer [0-4] ", prune_log), prune_log[-3000:]
+
+    reference, _ = _long_prune_workdir(tmp_path_factory, "local-long")
+    command = [sys.executable, "-m", "snakemake", target, "--cores", "2", "--configfile", "long.yaml"]
+    local = subprocess.run(command, cwd=reference, capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
+    weights = Path(target).parent / "hf" / "model.safetensors"
+    assert (workdir / weights).read_bytes() == (reference / weights).read_bytes()
+
+
+@pytest.mark.slurm
+def test_a_memory_request_too_small_fails_visibly(workdir: Path, first_run: Run) -> None:
+    """SLURM enforces --mem (OverMemoryKill, no cgroups needed): a calibration job asking for 60 MB
+    is killed, and both Snakemake and sacct say it failed."""
+    from denoiserotator.costs import load_experiment
+
+    exp = load_experiment(str(workdir / CONFIG), str(workdir / "workflow/schemas/config.schema.yaml"))
+    target = f"results/calib/tiny-llama/{exp.calib_id()}.pt"
+    small = ("--forcerun", "calibrate", "--retries", "0", "--set-resources", "calibrate:mem_mb=60")
+    run = snakemake(workdir, *small, targets=[target], config=CONFIG)
+    assert run.returncode != 0, run.log[-4000:]
+    (job,) = [j for j in run.jobs if j.rule == "calibrate"]
+    assert job.mem_mb == 60
+    assert sacct([job.slurm_id])[job.slurm_id]["State"] in {"FAILED", "OUT_OF_MEMORY"}, run.log[-4000:]
+    # the checkout is left as the later tests expect it: the calibration rebuilt with its request
+    assert snakemake(workdir, targets=[target], config=CONFIG).returncode == 0
 
 
 def _profile(**env: str) -> dict:

@@ -13,8 +13,12 @@
 #
 # What you get (defaults):
 #   * SLURM 22.05 (Debian packages) with slurmctld + slurmd on 127.0.0.1
-#   * one node "$(hostname -s)" with all CPUs, RealMemory = detected - 2 GiB,
-#     partition "debug" (default), MaxTime=INFINITE
+#   * one node "$(hostname -s)" with all CPUs, RealMemory = detected - 2 GiB, and three
+#     partitions on it: "debug" (default, MaxTime=INFINITE), "gpu" (MaxTime=INFINITE) and
+#     "short" (MaxTime=$SHORT_MAX_TIME minutes), so tests can route jobs by kind and make one
+#     exceed its time limit
+#   * memory limits enforced without cgroups: jobacct_gather polls every step's RSS and
+#     OverMemoryKill ends a step above its --mem (state OUT_OF_MEMORY)
 #   * FAKE_GPUS fake GPUs (gres gpu:a100) backed by dummy char devices, so
 #     jobs asking for `--gpus=1`, `--gres=gpu:1` or `--gres=gpu:a100:1` schedule
 #   * SLURM_ACCOUNTING=1: slurmdbd + MariaDB (unix socket only, no TCP), so
@@ -41,6 +45,7 @@ SLURM_USER_FOR_ACCOUNTS="${SLURM_USER_FOR_ACCOUNTS:-${SUDO_USER:-root}}"
 FAKE_GPUS="${FAKE_GPUS:-2}"                    # 0 = no GRES at all
 GPU_TYPE="${GPU_TYPE:-a100}"                   # gres type, e.g. a100 -> gpu:a100:1
 PARTITION="${PARTITION:-debug}"
+SHORT_MAX_TIME="${SHORT_MAX_TIME:-1}"           # minutes: the "short" partition's MaxTime
 CLUSTER_NAME="${CLUSTER_NAME:-localcluster}"
 MEM_HEADROOM_MB="${MEM_HEADROOM_MB:-2048}"     # RealMemory = detected - headroom ...
 # ... but at least this much: the workflow's rules ask for realistic sizes (8 GB for the tiny
@@ -207,12 +212,18 @@ DefMemPerCPU=1000
 # keep finished jobs visible to squeue for MinJobAge seconds (squeue status mode)
 MinJobAge=$MIN_JOB_AGE
 JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=5
+JobAcctGatherFrequency=2
+# memory limits without cgroups: a step whose polled RSS exceeds its --mem is killed
+JobAcctGatherParams=OverMemoryKill
+# at the time limit: SIGTERM, then SIGKILL after KillWait seconds (the prune job checkpoints)
+KillWait=30
 $ACCT
 $GRES_TYPES
 $MEM_OVERRIDE
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=$BOARDS SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$MEM $GRES_NODE State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=ALL MaxTime=INFINITE State=UP
+PartitionName=short Nodes=ALL MaxTime=$SHORT_MAX_TIME State=UP
 EOF
 
 # Fake GPUs: gres.conf needs File= entries (without File, slurmd reports 0 GPUs

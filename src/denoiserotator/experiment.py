@@ -315,8 +315,9 @@ class Experiment:
     def prune_params(self, model: str, calib: str, variant: str) -> dict[str, Any]:
         """The prune rule's params: the sections that determine this variant, each whole.
 
-        The rotation section is left out of plain-pruning rows, so that changing it never reruns
-        them through Snakemake's params trigger.
+        The rotation section is left out of plain-pruning rows, and the knobs of optimizers that
+        are not selected out of rotated ones, so that changing them never reruns a job through
+        Snakemake's params trigger.
         """
         if calib != self.calib_id():
             raise ValueError(f"{calib} was made with other calibration settings ({self.calib_id()})")
@@ -328,7 +329,9 @@ class Experiment:
             "compute": self.compute_for(model).to_dict(),
         }
         if row.rotation == "denoise":
-            params["rotation"] = self.rotation.to_dict()
+            # only what the selected optimizer reads: tuning another one reruns nothing
+            used = self.rotation.identity()
+            params["rotation"] = {k: v for k, v in self.rotation.to_dict().items() if k in used}
         return params
 
     def ppl_params(self, name: str, row_path: str) -> dict[str, Any]:

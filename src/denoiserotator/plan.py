@@ -87,6 +87,7 @@ class Plan:
 
     groups: dict[tuple[str, str], list[costs.JobRequest]]
     refused: list[tuple[PlannedJob, str]]
+    folder_bytes: float = 0.0  # the model folders prune and finetune jobs write
 
     @property
     def gpu_hours(self) -> float:
@@ -115,6 +116,7 @@ class Plan:
         jobs = sum(len(group) for group in self.groups.values())
         lines.append("")
         lines.append(f"{jobs} jobs, {self.gpu_hours:.0f} GPU-hours asked (every attempt at its request)")
+        lines.append(f"{self.folder_bytes / 1e12:.1f} TB of model folders written (in each model's dtype)")
         lines.append(f"{len(self.refused)} job(s) do not fit the site")
         lines += [f"  - {job.step} {job.name}: {reason}" for job, reason in self.refused]
         return "\n".join(lines) + "\n"
@@ -126,7 +128,10 @@ def plan(exp: Experiment, site: Site, retries: int | None = None) -> Plan:
     (the profile's restart-times), which long prune jobs need for their resuming attempts."""
     groups: dict[tuple[str, str], list[costs.JobRequest]] = defaultdict(list)
     refused: list[tuple[PlannedJob, str]] = []
+    folders = 0.0
     for job in grid_jobs(exp):
+        if job.step in ("prune", "finetune"):
+            folders += costs.loaded_bytes(exp, job.model, job.rotated)
         try:
             request = costs.job_request(exp, job.model, job.step, job.rotated, job.variant, 1, site,
                                         retries if job.step == "prune" else None)  # fmt: skip
@@ -134,7 +139,7 @@ def plan(exp: Experiment, site: Site, retries: int | None = None) -> Plan:
             refused.append((job, str(error)))
             continue
         groups[(job.step, job.model)].append(request)
-    return Plan(dict(groups), refused)
+    return Plan(dict(groups), refused, folders)
 
 
 def main(argv: list[str] | None = None) -> None:

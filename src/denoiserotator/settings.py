@@ -391,6 +391,21 @@ class RotationSettings(StageSettings):
         minimum=0,
     )
 
+    # The knobs each optimizer reads; the others cannot change its result.
+    OPTIMIZER_KNOBS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "paper": ("lr", "betas", "clip"),
+        "cayley": ("tangent_lr", "tangent_betas", "backoff", "rise_limit", "patience", "tol"),
+        "lbfgs": ("history", "first_step", "max_backtracks", "patience", "tol"),
+    }
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the rotation: every shared one, and only the selected
+        optimizer's own knobs (`OPTIMIZER_KNOBS`), so tuning another optimizer renames no row."""
+        identity = super().identity()
+        unused = {k for knobs in self.OPTIMIZER_KNOBS.values() for k in knobs}
+        unused -= set(self.OPTIMIZER_KNOBS[self.optimizer])
+        return {key: value for key, value in identity.items() if key not in unused}
+
     def score_for(self, pruner: str) -> str:
         """The score the loss uses for `pruner` ("none" = the rotation-only row)."""
         if self.loss_score:
