@@ -338,13 +338,29 @@ def test_memory_requests_stay_within_a_nodes_memory(
 
 
 def _planned(exp: Experiment) -> dict[str, object]:
-    """Every output path of the grid with the params its prune job gets (what Snakemake compares)."""
+    """Every output path of the grid with the params its job gets (what Snakemake compares)."""
     planned: dict[str, object] = {path: None for path in exp.table_inputs()}
     for row in exp.rows():
         if row.prune_dir:
             model, calib, variant = row.prune_dir.split("/")[2:]
             planned[row.prune_dir] = exp.prune_params(model, calib, variant)
+        for name, path in exp.row_files(row)["ppl"].items():
+            planned[path] = exp.ppl_params(name, row.path)
+        if "zeroshot" in exp.row_files(row):
+            planned[exp.row_files(row)["zeroshot"]] = exp.zeroshot_params(row.path)
     return planned
+
+
+def test_compute_fields_that_change_no_number_rerun_nothing() -> None:
+    """Threads, GPU counts, evaluation batching and the checkpoint cadence are read by a job from
+    the config when it runs, not carried in its params: editing them (more CPUs on another site)
+    reruns no job of the grid; the dtype or the prune batch size still does."""
+    before = _planned(Experiment(load("demo.yaml")))
+    for edit in ({"threads": 3}, {"gpus": 2}, {"eval_batch_size": 4}, {"checkpoint_every_layers": 2},
+                 {"checkpoint_every_minutes": 5}, {"eval_mode": "whole"}):  # fmt: skip
+        assert _planned(Experiment(load("demo.yaml", compute=edit))) == before, edit
+    for edit in ({"dtype": "bfloat16"}, {"prune_batch_size": 3}):
+        assert _planned(Experiment(load("demo.yaml", compute=edit))) != before, edit
 
 
 def test_an_unused_optimizers_knob_renames_and_reruns_nothing() -> None:

@@ -173,7 +173,15 @@ def test_second_run_plans_nothing(workdir: Path) -> None:
     assert counts == {} and outputs == []
 
 
-@pytest.mark.parametrize("change", [{"steps": 7}, {"betas": [0.8, 0.99]}], ids=["steps", "betas"])
+def test_an_unused_optimizers_knob_plans_nothing(workdir: Path) -> None:
+    """The paper optimizer's Adam betas while `cayley` is selected: no id, no params, no table
+    changes, so the dry run plans no job at all."""
+    overlay = _overlay(workdir, "rotation-betas.yaml", {"rotation": {"betas": [0.8, 0.99]}})
+    counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
+    assert counts == {} and outputs == []
+
+
+@pytest.mark.parametrize("change", [{"steps": 7}, {"tangent_lr": 0.03}], ids=["steps", "tangent_lr"])
 def test_rotation_setting_change_reruns_only_rotated_rows(workdir: Path, change: dict) -> None:
     overlay = _overlay(workdir, f"rotation-{next(iter(change))}.yaml", {"rotation": change})
     counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml", overlay)

@@ -291,7 +291,7 @@ class Experiment:
             "perplexity": {name: s.to_dict() for name, s in self.perplexity.items()},
             "zeroshot": self.zeroshot.to_dict(),
             "calibration": self.calibration.to_dict(),
-            "rotation": self.rotation.to_dict(),
+            "rotation": self.rotation_settings_used(),
             "finetune": {"lora": self.lora.to_dict(), "train": self.finetune_data.to_dict()}
             if self.config["finetune"]["rows"]
             else None,
@@ -326,20 +326,26 @@ class Experiment:
             "pruner": row.pruner,
             "pattern": None if row.pruner == "none" else row.pattern,
             "pruning": self.pruning.to_dict(),
-            "compute": self.compute_for(model).to_dict(),
+            "compute": self.compute_for(model).result_fields(),
         }
         if row.rotation == "denoise":
-            # only what the selected optimizer reads: tuning another one reruns nothing
-            used = self.rotation.identity()
-            params["rotation"] = {k: v for k, v in self.rotation.to_dict().items() if k in used}
+            params["rotation"] = self.rotation_settings_used()
         return params
 
+    def rotation_settings_used(self) -> dict[str, Any]:
+        """The rotation section without the knobs of optimizers that are not selected
+        (`RotationSettings.identity`): what jobs and tables receive, so tuning another optimizer
+        reruns nothing."""
+        used = self.rotation.identity()
+        return {key: value for key, value in self.rotation.to_dict().items() if key in used}
+
     def ppl_params(self, name: str, row_path: str) -> dict[str, Any]:
-        """The perplexity rule's params: the set (its dataset resolved) and the compute section in the
-        row's model dtype (a bf16 entry is evaluated in bf16)."""
+        """The perplexity rule's params: the set (its dataset resolved) and the compute fields that
+        can change a number (`ComputeSettings.RESULT_FIELDS`) in the row's model dtype (a bf16 entry
+        is evaluated in bf16)."""
         settings = self.perplexity[name]
         return {"settings": {**settings.to_dict(), "dataset": self.resolve_source(settings.dataset)},
-                "compute": self.compute_for(row_path.split("/", 1)[0]).to_dict()}  # fmt: skip
+                "compute": self.compute_for(row_path.split("/", 1)[0]).result_fields()}  # fmt: skip
 
     def zeroshot_params(self, row_path: str) -> dict[str, Any]:
         """The zero-shot rule's params: the section and compute in the row's model dtype."""
@@ -347,5 +353,5 @@ class Experiment:
         settings = {key: value for key, value in self.zeroshot.to_dict().items() if key != "rows"}
         return {
             "settings": settings,
-            "compute": self.compute_for(row_path.split("/", 1)[0]).to_dict(),
+            "compute": self.compute_for(row_path.split("/", 1)[0]).result_fields(),
         }

@@ -431,6 +431,11 @@ class ComputeSettings(StageSettings):
     """Where and in what precision the stages run; none of it is part of an output id."""
 
     section: ClassVar[str] = "compute"
+    # The fields that can change a number (the device's arithmetic, the dtype, the order in which
+    # the prune stage sums its Grams): what a job's params carry. The others (threads, GPU counts,
+    # evaluation batching, checkpoint cadence) a job reads from the config when it runs
+    # (`for_job`), so changing them reruns nothing.
+    RESULT_FIELDS: ClassVar[tuple[str, ...]] = ("device", "dtype", "prune_batch_size")
     device: str = setting("auto", "cuda, cuda:N, cpu, or auto (cuda when available)", identity=False)
     dtype: str = setting(
         "float32", "compute and host dtype (a model entry's dtype overrides it)", choices=tuple(DTYPES)
@@ -460,6 +465,16 @@ class ComputeSettings(StageSettings):
         minimum=0,
         identity=False,
     )
+
+    @classmethod
+    def for_job(cls, params: Mapping[str, Any], config: Mapping[str, Any]) -> ComputeSettings:
+        """A job's compute settings: its params' `RESULT_FIELDS` over the config's `compute`
+        section as it is when the job runs."""
+        return cls.from_mapping({**config, **params})
+
+    def result_fields(self) -> dict[str, Any]:
+        """The `RESULT_FIELDS` as a job's params carry them."""
+        return {key: value for key, value in self.to_dict().items() if key in self.RESULT_FIELDS}
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -51,7 +51,7 @@ def get_finetune_inputs(wildcards) -> dict:
 
 def get_finetune_params(wildcards) -> dict:
     _lora_row(wildcards)  # refuses ids of other settings
-    return {"lora": EXP.lora.to_dict(), "compute": EXP.compute_for(wildcards.model).to_dict(),
+    return {"lora": EXP.lora.to_dict(), "compute": EXP.compute_for(wildcards.model).result_fields(),
             "train": {**EXP.finetune_data.to_dict(), "source": EXP.resolve_source(EXP.finetune_data.source)}}
 
 

@@ -10,7 +10,9 @@ from denoiserotator.evaluate.perplexity import perplexity_stage  # noqa: E402
 from denoiserotator.settings import ComputeSettings, PerplexitySettings  # noqa: E402
 
 params = snakemake.params.settings  # noqa: F821
+# threads, GPU counts, evaluation batching: from the config as it is now (they change no number)
+compute = ComputeSettings.for_job(params["compute"], snakemake.config["compute"])  # noqa: F821
 perplexity_stage(
     Path(snakemake.input.model), Path(snakemake.output[0]),  # noqa: F821
-    PerplexitySettings.from_mapping(params["settings"]), ComputeSettings.from_mapping(params["compute"]),
+    PerplexitySettings.from_mapping(params["settings"]), compute,
 )  # fmt: skip
