@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
-from denoiserotator.testing import lora_saved_bytes, tiny_config
+from denoiserotator.testing import lora_saved_bytes, sized_llama
 
 # (hidden, intermediate, heads, layers, vocab, seqlen)
 SHAPES = [(64, 160, 4, 2, 384, 64), (64, 160, 4, 3, 384, 64), (128, 160, 4, 2, 384, 64),
@@ -33,11 +32,7 @@ FEATURES = ["layers*hidden", "layers*intermediate", "layers*heads*seqlen", "voca
 def measure(
     hidden: int, intermediate: int, heads: int, layers: int, vocab: int, seqlen: int, checkpointing: bool
 ) -> float:
-    config = tiny_config("llama", num_layers=layers, vocab_size=vocab, hidden_size=hidden,
-                         intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=heads // 2, head_dim=hidden // heads)  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = sized_llama(hidden, intermediate, heads, layers, vocab)
     ids = torch.randint(0, vocab, (2, seqlen), generator=torch.Generator().manual_seed(0))
     return lora_saved_bytes(model, ids, checkpointing) / ids.numel()
 

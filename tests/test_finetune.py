@@ -214,20 +214,14 @@ def test_the_lora_memory_model_matches_what_autograd_saves(checkpointing: bool) 
     """`flops.lora_saved_bytes` (fitted by bench/lora_memory.py on other shapes) against the bytes
     autograd saves for backward on shapes it was not fitted on: within 10 %, never below by more
     than 2 % (a request must not be short)."""
-    from transformers import AutoModelForCausalLM
-
     from denoiserotator import flops
-    from denoiserotator.testing import lora_saved_bytes, tiny_config
+    from denoiserotator.testing import lora_saved_bytes, sized_llama
 
     for hidden, intermediate, heads, layers, vocab, seqlen in (
         (96, 224, 6, 3, 512, 48),
         (160, 384, 4, 2, 640, 40),
     ):
-        config = tiny_config("llama", num_layers=layers, vocab_size=vocab, hidden_size=hidden,
-                             intermediate_size=intermediate, num_attention_heads=heads,
-                             num_key_value_heads=heads // 2, head_dim=hidden // heads)  # fmt: skip
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = sized_llama(hidden, intermediate, heads, layers, vocab)
         ids = torch.randint(0, vocab, (2, seqlen), generator=torch.Generator().manual_seed(0))
         measured = lora_saved_bytes(model, ids, checkpointing)
         modelled = flops.lora_saved_bytes(

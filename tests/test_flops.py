@@ -39,17 +39,22 @@ def counted(function) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("learn_r2", [True, False])
-def test_rotation_step_matmuls_equal_the_flop_counter(score: str, learn_r2: bool) -> None:
-    """One step's forward + backward (QR included) as train_rotation runs it."""
-    generator = torch.Generator().manual_seed(0)
+def _random_problem(score: str, seed: int) -> LayerProblem:
+    """A rotation problem of SHAPE with random weights and input Grams."""
+    generator = torch.Generator().manual_seed(seed)
     weights = {n: torch.randn(o, i, generator=generator) for n, (o, i) in SHAPE.linears().items()}
     grams = {}
     for name in ("q", "o", "gate", "down"):
         x = torch.randn(100, SHAPE.linears()[name][1], generator=generator)
         grams[name] = x.T @ x
-    problem = LayerProblem.from_layer(weights, grams, score, SHAPE.heads, SHAPE.kv_heads, SHAPE.head_dim)
+    return LayerProblem.from_layer(weights, grams, score, SHAPE.heads, SHAPE.kv_heads, SHAPE.head_dim)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("learn_r2", [True, False])
+def test_rotation_step_matmuls_equal_the_flop_counter(score: str, learn_r2: bool) -> None:
+    """One step's forward + backward (QR included) as train_rotation runs it."""
+    problem = _random_problem(score, seed=0)
     free = torch.eye(SHAPE.hidden).requires_grad_(True)
     blocks = torch.eye(SHAPE.head_dim).repeat(SHAPE.kv_heads, 1, 1).requires_grad_(learn_r2)
 
@@ -72,13 +77,7 @@ def test_rotation_training_counts_the_selected_optimizers_work(
     from denoiserotator.rotation.train import train_rotation
     from denoiserotator.settings import RotationSettings
 
-    generator = torch.Generator().manual_seed(1)
-    weights = {n: torch.randn(o, i, generator=generator) for n, (o, i) in SHAPE.linears().items()}
-    grams = {}
-    for name in ("q", "o", "gate", "down"):
-        x = torch.randn(100, SHAPE.linears()[name][1], generator=generator)
-        grams[name] = x.T @ x
-    problem = LayerProblem.from_layer(weights, grams, score, SHAPE.heads, SHAPE.kv_heads, SHAPE.head_dim)
+    problem = _random_problem(score, seed=1)
     steps = 3
     # no stopping rule and no back-off: every step takes the path the model counts
     settings = RotationSettings(

@@ -112,6 +112,15 @@ def save_tiny_model(family: str, out_dir: Path, seed: int = 0, num_layers: int =
     return out_dir
 
 
+def sized_llama(hidden: int, intermediate: int, heads: int, layers: int, vocab: int) -> PreTrainedModel:
+    """A random Llama of the given widths (kv heads: half the heads), SDPA attention, seed 0."""
+    config = tiny_config("llama", num_layers=layers, vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2, head_dim=hidden // heads)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
 def lora_saved_bytes(model: PreTrainedModel, input_ids: torch.Tensor, checkpointing: bool) -> int:
     """Bytes of the tensors autograd saves for backward in one LoRA forward of `input_ids` through
     `model` (peft adapters on all seven linears, dropout, training mode), parameters excluded:
