@@ -302,3 +302,28 @@ def test_plots_draw_error_bars_of_the_standard_errors(tmp_path: Path) -> None:
     plain, rotated = _error_bars(fig.axes[0])
     assert plain[0] == pytest.approx((25 * math.exp(-0.05), 25 * math.exp(0.05)))
     assert rotated[0] == pytest.approx((11 * math.exp(-0.02), 11 * math.exp(0.02)))
+
+
+def test_every_main_csv_column_is_in_the_readme_glossary(tmp_path: Path) -> None:
+    """The README's glossary names every column `collect` writes (with <set> and <task> standing
+    for the configured sets and tasks), so a new column cannot land undocumented."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("**`main.csv`, column by column**")
+    glossary = readme[start : readme.index("\n\n", readme.index("| column | meaning |", start))]
+    names = set(re.findall(r"`([^`]+)`", glossary))
+    manifest = _manifest(tmp_path, rotation_only_ppl=6.0)
+    table = collect(manifest)
+    sets, tasks = list(manifest["perplexity"]), manifest["zeroshot"]["tasks"]
+
+    def documented(column: str) -> bool:
+        generic = {column}
+        for name in sets:
+            generic.add(column.replace(f"ppl_{name}", "ppl_<set>"))
+        for task in tasks:
+            generic.add(re.sub(rf"(^|_){task}($|_)", r"\1<task>\2", column))
+        return bool(generic & names)
+
+    missing = [column for column in table.columns if not documented(column)]
+    assert not missing, f"main.csv columns missing from the README glossary: {missing}"
