@@ -81,9 +81,16 @@ def test_rotation_training_counts_the_selected_optimizers_work(
     steps = 3
     # no stopping rule and no back-off: every step takes the path the model counts
     settings = RotationSettings(
-        steps=steps, optimizer=optimizer, learn_r2=learn_r2, tol=0.0, backoff=0, rise_limit=1e9,
-        tangent_lr=1e-4, first_step=1e-4,
+        steps=steps,
+        optimizer=optimizer,
+        learn_r2=learn_r2,
+        tol=0.0,
+        backoff=0,
+        rise_limit=1e9,
+        tangent_lr=1e-4,
+        first_step=1e-4,
     )
+
     def addmm_out_of_place(self: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return self.copy_(torch.addmm(self, first, second))
 
@@ -114,8 +121,10 @@ def test_the_default_optimizer_is_priced_at_its_own_step(monkeypatch: pytest.Mon
     assert costs.prune_work(exp, "llama3-70b", True, variant).total == pytest.approx(
         costs.prune_work(as_paper, "llama3-70b", True, variant).total
         - flops.LayerShape.from_entry(exp.models["llama3-70b"]).layers  # type: ignore[union-attr]
-        * (flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="paper").total
-           - flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="cayley").total)
+        * (
+            flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="paper").total
+            - flops.rotation_training(*_training_args(exp, "llama3-70b"), optimizer="cayley").total
+        )
     )
     assert costs.runtime(exp, "llama3-70b", "prune", True, variant=variant) < 0.8 * costs.runtime(
         as_paper, "llama3-70b", "prune", True, variant=variant
@@ -148,6 +157,7 @@ def test_layer_forward_and_gram_collection_equal_the_flop_counter(monkeypatch: p
     view = adapter.layer(0)
     for names in (("q", "o", "gate", "down"), ("q", "k", "v"), ("down",)):
         for diagonal in (False, True):  # Wanda's diagonals: elementwise, only the forward's matmuls count
+
             def collect(n: tuple[str, ...] = names, d: bool = diagonal) -> None:
                 kwargs = inputs.layer_kwargs[0]
                 input_statistics(view.layer, view.linears(), n, inputs.hidden, kwargs, diagonal=d)
@@ -244,3 +254,23 @@ def test_the_loss_statistics_counted_are_the_ones_the_loss_builds(variant: str) 
     from denoiserotator.rotation.train import loss_statistic_inputs
 
     assert flops.loss_statistic_linears(variant) == list(loss_statistic_inputs(variant).values())
+
+
+def test_zeroshot_time_follows_the_tokens_scored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-shot request counts lm-eval's scored tokens at the GPU's rate in the model's dtype:
+    LLaMA-3-8B in fp32 asked for 68 min (loading time only), short of the ≈ 90 min it needs."""
+    monkeypatch.setenv(costs.GPU_MODEL_VARIABLE, "a100")
+    config = load("config.yaml")
+    exp = Experiment(config)
+    tokens = costs.zeroshot_tokens(exp)
+    assert tokens == sum(items * choices * per for items, choices, per in costs.ZEROSHOT_REQUESTS.values())
+    minutes = costs.runtime(exp, "llama3-8b", "zeroshot")
+    seconds = flops.seconds(flops.zeroshot_forward(8.0e9, tokens, "fp32"), flops.DEVICES["a100"])
+    assert minutes == int(20 + 6 * 8.0 + costs.COMPUTE_MARGIN * seconds / 60) and minutes > 90
+    limited = Experiment(
+        {**config, "eval": {**config["eval"], "zeroshot": {**config["eval"]["zeroshot"], "limit": 100}}}
+    )
+    assert (
+        costs.zeroshot_tokens(limited) < tokens / 10
+        and costs.runtime(limited, "llama3-8b", "zeroshot") < minutes
+    )

@@ -235,6 +235,9 @@ def _uncapped_runtime(
     elif step == "prune" and rotated:
         fallback = 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
         minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
+    elif step == "zeroshot":
+        gpu_model = partition.gpu_model if partition is not None else None
+        minutes += COMPUTE_MARGIN * zeroshot_seconds(exp, model, gpu_model) / 60
     elif step == "finetune" and shape is not None:
         gpu_model = partition.gpu_model if partition is not None else None
         minutes += COMPUTE_MARGIN * finetune_seconds(exp, model, gpu_model) / 60
@@ -323,6 +326,42 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
         matmul="tf32" if uses_gpu(exp) and exp.rotation.matmul_precision == "high" else "fp32",
         optimizer=exp.rotation.optimizer,
     )
+
+
+# What lm-eval scores per task on the hub datasets: (items, answer choices, tokens of context and
+# continuation per choice). Items are the split sizes lm-eval evaluates (PIQA and HellaSwag
+# validation, WinoGrande-XL dev, ARC test); tokens are rounded up from the tasks' typical lengths
+# (HellaSwag's context plus ending ≈ 85). An estimate: every choice is one forward, no padding.
+ZEROSHOT_REQUESTS: dict[str, tuple[int, int, int]] = {
+    "piqa": (1838, 2, 50),
+    "winogrande": (1267, 2, 30),
+    "hellaswag": (10042, 4, 85),
+    "arc_easy": (2376, 4, 40),
+    "arc_challenge": (1172, 4, 45),
+}
+
+
+def zeroshot_tokens(exp: Experiment) -> int:
+    """Tokens lm-eval scores for one row: per task, items (at most `limit`; the local fixtures'
+    `fixture_items`) × choices × tokens per choice (`ZEROSHOT_REQUESTS`)."""
+    settings = exp.zeroshot
+    total = 0
+    for task in settings.tasks:
+        items, choices, tokens = ZEROSHOT_REQUESTS[task]
+        if settings.source == "local":
+            items = settings.fixture_items
+        if settings.limit is not None:
+            items = min(items, settings.limit)
+        total += items * choices * tokens
+    return total
+
+
+def zeroshot_seconds(exp: Experiment, model: str, gpu_model: str | None = None) -> float:
+    """Modelled seconds of one row's zero-shot evaluation (no margin): 2 · parameters per token
+    scored (`flops.zeroshot_forward`) in the model's dtype on `compute_device`."""
+    precision = flops.precision_of(exp.model_dtype(model))
+    work = flops.zeroshot_forward(exp.models[model]["params_b"] * 1e9, zeroshot_tokens(exp), precision)
+    return flops.seconds(work, compute_device(exp, gpu_model))
 
 
 def finetune_seconds(exp: Experiment, model: str, gpu_model: str | None = None) -> float:
