@@ -80,6 +80,10 @@ def test_jobs_are_routed_by_kind_and_capped_by_their_partition() -> None:
     assert (
         zeroshot.resources({})["slurm_partition"] == "gpu" and zeroshot.resources({})["gpu_model"] == "a100"
     )
+    # the calibration's request grows with the attempt (it was a constant 4000 MB)
+    assert (
+        costs.job_request(exp, "llama3-70b", "calibrate", attempt=2, site=site).mem_mb == 2 * calibrate.mem_mb
+    )
     # a retry asks for more, but never more than the partition's limits
     retried = costs.job_request(
         exp, "llama3-70b", "prune", True, "sparsegpt_50pct_dr-0", attempt=2, site=site
