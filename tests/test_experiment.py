@@ -75,7 +75,7 @@ def _paths(exp: Experiment) -> dict[tuple, str]:
     return {tuple(row.key().values()): row.path for row in exp.rows()}
 
 
-@pytest.mark.parametrize("overlay", [{"steps": 7}, {"betas": [0.8, 0.999]}, {"lr": 0.02}])
+@pytest.mark.parametrize("overlay", [{"steps": 7}, {"tangent_betas": [0.7, 0.99]}, {"tangent_lr": 0.03}])
 def test_a_rotation_setting_changes_exactly_the_rotated_rows(overlay: dict) -> None:
     before = _paths(Experiment(load("demo.yaml")))
     after = _paths(Experiment(load("demo.yaml", rotation=overlay)))

@@ -95,14 +95,18 @@ def test_cli_is_generated_from_the_fields() -> None:
 
 def test_identity_leaves_out_how_a_result_is_computed() -> None:
     """Device, threads and batch sizes change no number: they are not part of output ids;
-    fixtures count only for local zero-shot tasks."""
+    fixtures count only for local zero-shot tasks; an optimizer's knobs only when it is selected."""
     assert "device" not in ComputeSettings().identity() and "dtype" in ComputeSettings().identity()
     assert ComputeSettings(device="cpu").short_id() == ComputeSettings(device="cuda", threads=2).short_id()
     assert LoraSettings(gradient_checkpointing=True).short_id() == LoraSettings().short_id()
     assert ZeroshotSettings(fixture_items=3).short_id() == ZeroshotSettings().short_id()
     local = ZeroshotSettings(source="local")
     assert ZeroshotSettings(source="local", fixture_items=3).short_id() != local.short_id()
-    assert RotationSettings(betas=(0.8, 0.999)).short_id() != RotationSettings().short_id()
+    # only the selected optimizer's knobs: the paper optimizer's betas do not rename a cayley row
+    assert RotationSettings(betas=(0.8, 0.999)).short_id() == RotationSettings().short_id()
+    assert RotationSettings(tangent_betas=(0.7, 0.99)).short_id() != RotationSettings().short_id()
+    paper = RotationSettings(optimizer="paper")
+    assert RotationSettings(optimizer="paper", betas=(0.8, 0.999)).short_id() != paper.short_id()
 
 
 def test_yaml_lists_become_hashable_tuples() -> None:
