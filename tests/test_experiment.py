@@ -386,3 +386,28 @@ def test_an_unused_optimizers_knob_renames_and_reruns_nothing() -> None:
     assert _planned(Experiment(load("demo.yaml", rotation={"optimizer": "paper", "lr": 0.5}))) != _planned(
         paper
     )
+
+
+STAGE_SECTIONS = [("rotation",), ("pruning",), ("calibration",), ("finetune", "train"), ("finetune", "lora"),
+                  ("eval", "zeroshot"), ("compute",)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml", "test.yaml"])
+def test_shipped_configs_state_only_what_differs_from_their_defaults(name: str) -> None:
+    """Defaults live in one place (the settings classes, through the schema): config.yaml states
+    no stage value at its default, and the demo/test overlays none at config.yaml's value, so a
+    changed default cannot be shadowed by a stale copy."""
+    raw = yaml.safe_load((ROOT / "config" / name).read_text())
+    base = None if name == "config.yaml" else load("config.yaml")
+    restated = []
+    for path in STAGE_SECTIONS:
+        schema, values, reference = SCHEMA, raw, base
+        for key in path:
+            schema = schema["properties"][key]
+            values = (values or {}).get(key) or {}
+            reference = None if reference is None else reference.get(key, {})
+        for key, value in values.items():
+            expected = schema["properties"][key].get("default") if reference is None else reference.get(key)
+            if value == expected or (isinstance(expected, list | tuple) and value == list(expected)):
+                restated.append(".".join((*path, key)))
+    assert not restated, f"{name} restates {restated}"
