@@ -46,7 +46,10 @@ def test_a_partition_file_is_read_as_the_plugin_writes_it(tmp_path: Path) -> Non
     )
     assert (cpu.name, cpu.max_gpu, cpu.has_gpus) == ("cpu", 0, False)
     assert site.candidates(gpus=False) == [cpu, gpu] and site.candidates(gpus=True) == [gpu]
-    for text, minutes in (("2-00:00:00", 2880), ("1-12", 2160), ("90", 90), ("01:30:00", 90), (600, 600)):
+    # read as the plugin reads the same file (its parse_time_to_minutes): "60:30" is 60 h 30 min
+    times = (("2-00:00:00", 2880), ("1-12", 2160), ("90", 90), ("01:30:00", 90), (600, 600), ("12h", 720),
+             ("60:30", 3630))  # fmt: skip
+    for text, minutes in times:
         path = tmp_path / "site.yaml"
         path.write_text(f"partitions:\n  p:\n    max_runtime: {text!r}\n")
         assert Site.from_file(path).partitions[0].max_runtime == minutes

@@ -81,28 +81,26 @@ class Partition:
 
 
 def _minutes(value: Any, where: str) -> int | None:
+    """A partition's max_runtime in minutes, read by the plugin's own parser (numbers are minutes;
+    "2-00:00:00", "12h", ...), so this package and the plugin read a file alike."""
     if value is None:
         return None
-    if isinstance(value, int | float) and value > 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        days, _, clock = text.rpartition("-")
-        parts = clock.split(":")
-        if all(p.isdigit() for p in parts) and (not days or days.isdigit()) and 1 <= len(parts) <= 3:
-            numbers = [int(p) for p in parts]
-            if len(numbers) == 3:
-                minutes = numbers[0] * 60 + numbers[1] + (numbers[2] > 0)
-            elif len(numbers) == 2 and days:
-                minutes = numbers[0] * 60 + numbers[1]  # D-HH:MM
-            elif len(numbers) == 2:
-                minutes = numbers[0] + (numbers[1] > 0)  # MM:SS
-            else:
-                minutes = numbers[0] * (60 if days else 1)  # D-HH or MM
-            minutes += int(days or 0) * 1440
-            if minutes > 0:
-                return minutes
-    raise SiteError(f"{where}: max_runtime {value!r} is not a time (minutes, or D-HH:MM:SS)")
+    try:
+        # imported only for a time string: importing the plugin asks `scontrol` for the config
+        from snakemake_executor_plugin_slurm.utils import parse_time_to_minutes
+        from snakemake_interface_common.exceptions import WorkflowError
+    except ImportError as error:
+        raise SiteError(f"{where}: max_runtime {value!r}: give whole minutes, or install the "
+                        "workflow extra (the SLURM plugin reads time strings)") from error  # fmt: skip
+    try:
+        minutes = parse_time_to_minutes(value) if isinstance(value, str) else 0
+    except WorkflowError:
+        minutes = 0
+    if minutes <= 0:
+        raise SiteError(f"{where}: max_runtime {value!r} is not a time (minutes, or D-HH:MM:SS)")
+    return minutes
 
 
 def _positive(value: Any, where: str, key: str, zero: bool = False) -> int | None:
