@@ -36,6 +36,7 @@ from .cluster import (  # noqa: F401  (re-exported: the limit variables)
     GPU_MODEL_VARIABLE,
     MAX_MEM_VARIABLE,
     MAX_RUNTIME_VARIABLE,
+    PARTITIONS_VARIABLE,
     Partition,
     Site,
     SiteError,
@@ -68,9 +69,8 @@ def _partition(partition: Partition | None) -> Partition:
     if partition is not None:
         return partition
     try:
-        return Site.from_environment(partition_config=None, environ={
-            k: v for k, v in os.environ.items() if k != "SNAKEMAKE_SLURM_PARTITIONS"
-        }).partitions[0]  # fmt: skip
+        environ = {k: v for k, v in os.environ.items() if k != PARTITIONS_VARIABLE}
+        return Site.from_environment(environ).partitions[0]
     except SiteError as error:
         raise ResourceLimitError(str(error)) from error
 
@@ -189,14 +189,15 @@ def check_prune_retries(
     model: str,
     rotated: bool,
     variant: str | None,
-    retries: int,
+    retries: int | None,
     partition: Partition | None = None,
-) -> None:
-    """Raise ResourceLimitError when the prune job needs more attempts at the partition's limit
-    (`prune_attempts`) than Snakemake's `retries` (the profile's restart-times) allow, so that the
-    plan fails now instead of the job after days on the cluster."""
+) -> int:
+    """The prune job's attempts at the partition's limit (`prune_attempts`); raises
+    ResourceLimitError when they are more than Snakemake's `retries` (the profile's
+    restart-times; None: not checked) allow, so that the plan fails now instead of the job after
+    days on the cluster."""
     attempts = prune_attempts(exp, model, rotated, variant, partition=partition)
-    if attempts > retries + 1:
+    if retries is not None and attempts > retries + 1:
         limit = max_runtime(partition)
         raise ResourceLimitError(
             f"the prune job of {model} ({variant}) needs about "
@@ -207,6 +208,7 @@ def check_prune_retries(
             "(the slurm profile's restart-times), use a partition with a longer limit, or lower "
             "rotation.steps"
         )
+    return attempts
 
 
 def _fixed_minutes(exp: Experiment, model: str) -> float:
@@ -229,17 +231,15 @@ def _uncapped_runtime(
     size = exp.models[model]["params_b"]
     minutes = _fixed_minutes(exp, model)
     shape = flops.LayerShape.from_entry(exp.models[model])
+    gpu_model = partition.gpu_model if partition is not None else None
     if step == "prune" and shape is not None:
-        gpu_model = partition.gpu_model if partition is not None else None
         minutes += COMPUTE_MARGIN * prune_seconds(exp, model, rotated, variant, gpu_model) / 60
     elif step == "prune" and rotated:
         fallback = 1.5 * exp.rotation.steps * SECONDS_PER_STEP_LAYER_8B * 32 * (size / 8.0) / 60
         minutes += fallback * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
     elif step == "zeroshot":
-        gpu_model = partition.gpu_model if partition is not None else None
         minutes += COMPUTE_MARGIN * zeroshot_seconds(exp, model, gpu_model) / 60
     elif step == "finetune" and shape is not None:
-        gpu_model = partition.gpu_model if partition is not None else None
         minutes += COMPUTE_MARGIN * finetune_seconds(exp, model, gpu_model) / 60
     elif step == "finetune":
         minutes += 10 * size * exp.lora.steps / 1024 * (1 if uses_gpu(exp) else CPU_SLOWDOWN)
@@ -366,9 +366,9 @@ def zeroshot_seconds(exp: Experiment, model: str, gpu_model: str | None = None) 
 
 def finetune_seconds(exp: Experiment, model: str, gpu_model: str | None = None) -> float:
     """Modelled seconds of LoRA training (no margin): per step, batch_size × seqlen tokens forward
-    (`flops.layer_forward` over the layers plus the head), backward twice that (activation
-    gradients through the frozen linears, attention, the adapters), and a third forward with
-    gradient checkpointing; in the model's dtype on `compute_device`."""
+    (`flops.perplexity_forward`: the layers plus the head), backward twice that (activation
+    gradients through the frozen linears, attention, the adapters), and one more forward with
+    `lora.gradient_checkpointing`; in the model's dtype on `compute_device`."""
     shape = _shape_with_vocab(exp, model)
     if shape is None:
         raise ValueError(f"model {model!r} has no shape fields ({', '.join(flops.LayerShape.FIELDS)})")
@@ -543,9 +543,7 @@ def job_request(
             minutes = runtime(exp, model, step, rotated, attempt, variant, partition)
             attempts = 1
             if resumable:
-                attempts = prune_attempts(exp, model, rotated, variant, partition=partition)
-                if retries is not None:
-                    check_prune_retries(exp, model, rotated, variant, retries, partition)
+                attempts = check_prune_retries(exp, model, rotated, variant, retries, partition)
         except ResourceLimitError as error:
             reasons.append(f"{partition.describe()}: {error}")
             continue
@@ -553,7 +551,7 @@ def job_request(
     job = f"the {step} job of {model}" + (f" ({variant})" if variant else "")
     raise ResourceLimitError(
         f"{job} fits no partition of the site ({site.source}): " + "; ".join(reasons)
-        if reasons else f"{job}: the site ({site.source}) has no {'GPU' if wants_gpus else ''} partition"
+        if reasons else f"{job}: the site ({site.source}) has no {'GPU ' if wants_gpus else ''}partition"
     )
 
 
