@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checkpoints = sorted({*args.report_steps, rotation.steps})
     # Run to the largest step count without the early stop, so that the trace covers every
     # reported budget; the configured budget is read off the same trace.
-    trained = replace(rotation, steps=max(checkpoints), tol=0.0)
+    trained = rotation.replace(steps=max(checkpoints), tol=0.0)
     calibration = config["calibration"]
     model_dir = fetch_smollm2(args.cache)
     corpus = fetch_corpus(args.cache)
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pattern=args.pattern,
         rotation=trained,
         pruning=PruningSettings.from_mapping(config["pruning"]),
-        compute=replace(ComputeSettings.from_mapping(config["compute"]), checkpoint_every_layers=0),
+        compute=ComputeSettings.from_mapping(config["compute"], checkpoint_every_layers=0),
     )
 
     problems: list[tuple[LayerProblem, RotationResult]] = []

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from denoiserotator import flops  # noqa: E402
+from denoiserotator.settings import ModelEntry  # noqa: E402
 
 SMOLLM2_TOLERANCE = {"cuda_fp32": 0.01, "cuda_bf16": 0.05}  # relative perplexity difference to CPU fp32
 PAPER_TABLE4_MS = {"dense": 5.80, "sparse24": 4.37, "sparse24_rotation": 4.69}
@@ -71,7 +72,7 @@ def synchronize(device: str) -> None:
 def shape_of(slug: str) -> flops.LayerShape:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     entry = next(model for model in config["models"] if model["slug"] == slug)
-    shape = flops.LayerShape.from_entry(entry)
+    shape = flops.LayerShape.from_entry(ModelEntry.from_mapping(entry))
     assert shape is not None, f"config/config.yaml: {slug} has no shape"
     return shape
 

@@ -42,9 +42,9 @@ def _settings(pruner: str = "wanda", pattern: str | None = "50%", rotation: str 
     return pipeline.PruneSettings(
         pruner=pruner,
         pattern=pattern,
-        rotation=RotationSettings(**pick(ROTATION_KEYS)) if rotation == "denoise" else None,
-        pruning=PruningSettings(**pick(PRUNING_KEYS)),
-        compute=ComputeSettings(**pick(COMPUTE_KEYS)),
+        rotation=RotationSettings.from_mapping(pick(ROTATION_KEYS)) if rotation == "denoise" else None,
+        pruning=PruningSettings.from_mapping(pick(PRUNING_KEYS)),
+        compute=ComputeSettings.from_mapping(pick(COMPUTE_KEYS)),
     )
 
 
@@ -149,16 +149,17 @@ def test_a_non_finite_weight_is_named_before_its_layer_is_touched(monkeypatch: p
 # Out of range on their own: refused when the settings object is built (denoiserotator.settings,
 # the same fields the config schema is generated from), naming section.key and the bound.
 BAD_VALUES = [
-    ({"percdamp": 0.0}, r"pruning\.percdamp must be > 0"),
-    ({"percdamp": -0.01, "pruner": "sparsegpt"}, r"pruning\.percdamp must be > 0"),
-    ({"steps": -1}, r"rotation\.steps must be >= 0"),
-    ({"lr": 0.0}, r"rotation\.lr must be > 0"),
-    ({"clip": 0.0}, r"rotation\.clip must be > 0"),
-    ({"prune_batch_size": 0}, r"compute\.prune_batch_size must be >= 1"),
-    ({"sparsegpt_blocksize": 0, "pruner": "sparsegpt"}, r"pruning\.sparsegpt_blocksize must be >= 1"),
-    ({"loss_variant": "bf16"}, r"rotation\.loss_variant: 'bf16' is not one of 'paper', 'reference'"),
-    ({"loss_score": "obs"}, r"rotation\.loss_score: 'obs' is not one of 'magnitude', 'wanda', 'sparsegpt'"),
-    ({"dtype": "float8"}, r"compute\.dtype: 'float8' is not one of 'float32', 'bfloat16', 'float16'"),
+    ({"percdamp": 0.0}, r"pruning\.percdamp: Input should be greater than 0"),
+    ({"percdamp": -0.01, "pruner": "sparsegpt"}, r"pruning\.percdamp: Input should be greater than 0"),
+    ({"steps": -1}, r"rotation\.steps: Input should be greater than or equal to 0, got -1"),
+    ({"lr": 0.0}, r"rotation\.lr: Input should be greater than 0, got 0\.0"),
+    ({"clip": 0.0}, r"rotation\.clip: Input should be greater than 0"),
+    ({"prune_batch_size": 0}, r"compute\.prune_batch_size: Input should be greater than or equal to 1"),
+    ({"sparsegpt_blocksize": 0, "pruner": "sparsegpt"},
+     r"pruning\.sparsegpt_blocksize: Input should be greater than or equal to 1"),
+    ({"loss_variant": "bf16"}, r"rotation\.loss_variant: Input should be 'paper' or 'reference', got 'bf16'"),
+    ({"loss_score": "obs"}, r"rotation\.loss_score: Input should be 'magnitude', 'wanda' or 'sparsegpt'"),
+    ({"dtype": "float8"}, r"compute\.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     ({"pattern": "150%"}, r"allowed|percent|sparsity"),
 ]
 
@@ -171,7 +172,7 @@ def test_bad_values_are_refused_when_the_settings_are_built(changes: dict[str, A
 
 def test_a_nan_clip_is_refused() -> None:
     with pytest.raises(SettingsError, match=r"rotation\.clip"):
-        RotationSettings(clip=float("nan"))
+        RotationSettings.from_mapping({"clip": float("nan")})
 
 
 # Fine on their own, wrong for this model or machine: refused before activations are captured.

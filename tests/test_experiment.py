@@ -272,7 +272,7 @@ def test_prune_attempts_cover_the_work_lost_at_each_restart(
     monkeypatch.delenv(costs.MAX_RUNTIME_VARIABLE, raising=False)
     variant, model = "sparsegpt_50pct_dr-00000000", "llama3-70b"
     total = costs.runtime(paper, model, "prune", True, variant=variant)
-    fixed = 20 + 6 * paper.models[model]["params_b"]
+    fixed = 20 + 6 * paper.models[model].params_b
     layers = 80
     per_layer = (total - fixed) / layers
     settings = paper.compute_for(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -300,6 +299,6 @@ def test_lora_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_model(
     for expected, actual in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(expected, actual)
 
-    other = dataclasses.replace(settings, lr=5e-3)
+    other = settings.replace(lr=5e-3)
     stale = finetune.TrainingCheckpoint(tmp_path, finetune.TrainingCheckpoint.key_of(other, ids), 0)
     assert stale.load() is None and not (tmp_path / "training.pt").exists()

@@ -150,9 +150,7 @@ def test_paper_grid_gpu_jobs_get_one_gpu_flag(env: dict[str, str], flag: str) ->
 
 
 def expected_gpus(job: dict[str, Any]) -> int:
-    exp = costs.load_experiment(
-        str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
-    )
+    exp = costs.load_experiment(str(ROOT / "config/config.yaml"))
     wildcards = job["wildcards"]
     if "row" in wildcards:
         row = Row.from_path(wildcards["row"])
@@ -192,9 +190,7 @@ def test_the_prune_rule_reserves_its_resuming_attempts_and_one_retry_for_failure
     from denoiserotator import plan
     from denoiserotator.cluster import Partition, Site
 
-    exp = costs.load_experiment(
-        str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
-    )
+    exp = costs.load_experiment(str(ROOT / "config/config.yaml"))
     limits = {2880: 1, 2160: 2, 1440: 3}
     for minutes, retries in limits.items():
         assert plan.prune_retries(exp, Site((Partition("gpu", minutes),), "test"), 1) == retries

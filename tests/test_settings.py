@@ -1,69 +1,78 @@
-"""Settings classes: the schema agrees with them (defaults included), CLIs come from them,
-errors name the key, identities leave out what does not change a result."""
+"""Settings classes: the committed schema and key reference are generated from them, CLIs come
+from them, errors name the key, identities leave out what does not change a result."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from snakemake.utils import validate
 
 from denoiserotator.settings import (
-    SCHEMA_SECTIONS,
     ComputeSettings,
     LoraSettings,
+    PipelineConfig,
     RotationSettings,
     SettingsError,
     ZeroshotSettings,
-    _schema_node,
-    section_schema,
+    config_schema,
+    key_reference,
+    schema_text,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA_FILE = ROOT / "workflow/schemas/config.schema.yaml"
+SCHEMA = yaml.safe_load(SCHEMA_FILE.read_text())
+MINIMAL = {"models": [{"slug": "m", "source": "tiny:llama"}]}
 
 
-@pytest.mark.parametrize("section", list(SCHEMA_SECTIONS), ids=lambda s: ".".join(s))
-def test_schema_sections_are_the_settings_classes(section: tuple[str, ...]) -> None:
-    """Every stage section of the workflow schema equals the one generated from its class:
-    same keys, types, bounds, choices and defaults (regenerate with
-    `python -m denoiserotator.settings schema workflow/schemas/config.schema.yaml`)."""
-    assert _schema_node(SCHEMA, section) == section_schema(section)
+def test_the_committed_schema_is_generated_from_the_classes() -> None:
+    """The whole schema Snakemake validates against is the classes' (regenerate with
+    `python -m denoiserotator.settings schema`)."""
+    assert SCHEMA_FILE.read_text() == schema_text()
 
 
-@pytest.mark.parametrize("section", list(SCHEMA_SECTIONS), ids=lambda s: ".".join(s))
-def test_schema_defaults_build_the_class_defaults(section: tuple[str, ...]) -> None:
-    """Filling a section from the schema's defaults gives the class's own defaults."""
-    cls = SCHEMA_SECTIONS[section]
-    node = _schema_node(SCHEMA, section)
-    defaults = {key: prop["default"] for key, prop in node["properties"].items()}
-    assert cls.from_mapping(defaults) == cls()
+def test_the_key_reference_of_config_readme_is_generated_from_the_classes() -> None:
+    """config/README.md's key reference is the classes' (`python -m denoiserotator.settings reference`)."""
+    readme = (ROOT / "config/README.md").read_text()
+    assert key_reference() in readme
+    for name in PipelineConfig.model_fields:
+        assert f"| `{name}" in key_reference(), name
+
+
+def test_snakemakes_defaults_are_the_classes_defaults() -> None:
+    """Snakemake fills a config from the schema's defaults; the result is the config the classes
+    build from the same minimal input, section by section and key by key."""
+    filled = copy.deepcopy(MINIMAL)
+    validate(filled, str(SCHEMA_FILE))
+    assert PipelineConfig.from_mapping(filled) == PipelineConfig.from_mapping(MINIMAL)
+    assert filled["rotation"] == RotationSettings().to_dict()
+    assert filled["finetune"]["lora"] == LoraSettings().to_dict()
+    assert filled["models"][0]["num_layers"] == 2
 
 
 @pytest.mark.parametrize("config", ["config.yaml", "demo.yaml", "test.yaml"])
-def test_shipped_configs_validate_and_build_every_section(config: str) -> None:
+def test_shipped_configs_validate_and_build(config: str) -> None:
     data = yaml.safe_load((ROOT / "config" / config).read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(data)
-    for section, cls in SCHEMA_SECTIONS.items():
-        parent = data
-        for key in section[:-1] if section[-1] == "[]" else section:
-            parent = parent.get(key, {})
-        for mapping in parent if section[-1] == "[]" else [parent]:
-            cls.from_mapping(mapping)
+    PipelineConfig.from_mapping(data)
 
 
 @pytest.mark.parametrize(
     "bad,match",
     [
-        ({"lr": 0}, r"rotation\.lr must be > 0"),
-        ({"steps": -1}, r"rotation\.steps must be >= 0"),
-        ({"betas": [0.9]}, r"rotation\.betas must have 2 entries"),
-        ({"betas": [0.9, 1.0]}, r"rotation\.betas must be < 1"),
-        ({"loss_variant": "fast"}, r"rotation\.loss_variant: 'fast' is not one of 'paper', 'reference'"),
+        ({"lr": 0}, r"rotation\.lr: Input should be greater than 0, got 0"),
+        ({"steps": -1}, r"rotation\.steps: Input should be greater than or equal to 0, got -1"),
+        ({"betas": [0.9]}, r"rotation\.betas\[1\]: required"),
+        ({"betas": [0.9, 1.0]}, r"rotation\.betas\[1\]: Input should be less than 1, got 1\.0"),
+        ({"loss_variant": "fast"}, r"rotation\.loss_variant: Input should be 'paper' or 'reference'"),
         ({"stpes": 5}, r"unknown key\(s\) stpes in rotation; allowed: .*steps"),
-        ({"steps": 2.5}, r"rotation\.steps must be of type integer"),
+        ({"steps": 2.5}, r"rotation\.steps: Input should be a valid integer, got 2\.5"),
+        ({"steps": "5"}, r"rotation\.steps: Input should be a valid integer, got '5'"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(bad: dict, match: str) -> None:
@@ -73,7 +82,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(bad: dict, match: str) -> N
 
 def test_schema_rejects_what_the_classes_reject() -> None:
     """The same bad values fail both JSON-schema validation and the class."""
-    validator = jsonschema.Draft202012Validator(section_schema(("rotation",)))
+    validator = jsonschema.Draft202012Validator(RotationSettings.json_schema())
     for bad in ({"lr": 0}, {"betas": [0.9, 1.0]}, {"steps": -1}, {"loss_score": "obs"}):
         assert list(validator.iter_errors(bad)), bad
         with pytest.raises(SettingsError):
@@ -115,10 +124,33 @@ def test_yaml_lists_become_hashable_tuples() -> None:
     hash(settings)
 
 
-def test_schema_registries_are_the_packages() -> None:
-    """Pruner names, dtypes and model families appear in the schema's hand-written part; they are
-    written from the package's registries (PRUNERS, DTYPES, testing.FAMILIES), so each exists once."""
-    from denoiserotator.settings import _registry_parent, registry_values
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"models": []}, r"models: at least one model"),
+        ({"models": [{"slug": "m", "source": "tiny:gpt2"}]}, r"models\[0\]\.source: String should match"),
+        ({"models": [{"slug": "m", "source": "tiny:llama", "sahpe": {}}]},
+         r"unknown key\(s\) sahpe in models\[0\]; allowed: .*shape"),
+        ({"models": [{"slug": "m", "source": "tiny:llama", "resources": {"prnue": {"mem_mb": 1}}}]},
+         r"models\[0\]\.resources\.prnue: Input should be .fetch."),
+        ({"finetune": {"rows": [{"pruner": "obs", "pattern": "2:4"}]}},
+         r"finetune\.rows\[0\]\.pruner: Input should be 'magnitude', 'wanda' or 'sparsegpt'"),
+        ({"patterns": ["50%", "50%"]}, r"patterns has duplicates"),
+        ({"models": [{"slug": "m", "source": "tiny:llama"}] * 2}, r"slugs must be unique"),
+        ({"eval": {"zeroshot": {"rows": ["wanda"]}}}, r"eval\.zeroshot\.rows: 'wanda' is not pruner/pattern"),
+    ],
+)
+def test_the_whole_config_is_typed(bad: dict, match: str) -> None:
+    """Model entries, the grid lists, finetune.rows and their nesting are validated by the classes,
+    with the key's full path in the message."""
+    with pytest.raises(SettingsError, match=match):
+        PipelineConfig.from_mapping({**MINIMAL, **bad})
 
-    for key_path, value in registry_values().items():
-        assert _registry_parent(SCHEMA, key_path)[key_path[-1]] == value, key_path
+
+def test_the_schema_rejects_what_the_config_classes_reject() -> None:
+    validator = jsonschema.Draft202012Validator(config_schema())
+    for bad in ({"models": []}, {"pruners": ["obs"]}, {"patterns": ["50%", "50%"]},
+                {"models": [{"slug": "M", "source": "tiny:llama"}]}):  # fmt: skip
+        assert list(validator.iter_errors({**MINIMAL, **bad})), bad
+        with pytest.raises(SettingsError):
+            PipelineConfig.from_mapping({**MINIMAL, **bad})

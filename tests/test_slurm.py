@@ -328,7 +328,7 @@ def _long_prune_workdir(tmp_path_factory: pytest.TempPathFactory, name: str) -> 
     config.update({**LONG_PRUNE, **merged})
     (dest / "long.yaml").write_text(yaml.safe_dump(config))
     (dest / "site.yaml").write_text(yaml.safe_dump(SHORT_SITE))
-    exp = load_experiment(str(dest / "long.yaml"), str(dest / "workflow/schemas/config.schema.yaml"))
+    exp = load_experiment(str(dest / "long.yaml"))
     (row,) = [r for r in exp.rows() if r.prune_dir]
     return dest, f"{row.prune_dir}/stats.json"
 
@@ -368,7 +368,7 @@ def test_a_memory_request_too_small_fails_visibly(workdir: Path, first_run: Run)
     is killed, and both Snakemake and sacct say it failed."""
     from denoiserotator.costs import load_experiment
 
-    exp = load_experiment(str(workdir / CONFIG), str(workdir / "workflow/schemas/config.schema.yaml"))
+    exp = load_experiment(str(workdir / CONFIG))
     target = f"results/calib/tiny-llama/{exp.calib_id()}.pt"
     small = ("--forcerun", "calibrate", "--retries", "0", "--set-resources", "calibrate:mem_mb=60")
     run = snakemake(workdir, *small, targets=[target], config=CONFIG)

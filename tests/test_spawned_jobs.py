@@ -48,9 +48,7 @@ def _fake_slurm(bin_dir: Path) -> None:
 
 
 def _rotated_70b_prune_job() -> tuple[str, str, str]:
-    exp = costs.load_experiment(
-        str(ROOT / "config/config.yaml"), str(ROOT / "workflow/schemas/config.schema.yaml")
-    )
+    exp = costs.load_experiment(str(ROOT / "config/config.yaml"))
     row = next(r for r in exp.rows() if r.model == "llama3-70b" and r.rotation == "denoise")
     return row.model, row.calib, row.variant  # type: ignore[return-value]
 

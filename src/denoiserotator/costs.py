@@ -98,7 +98,7 @@ def _within_limit(request: int, limit: int | None, attempt: int, resumable: bool
 
 
 def _override(exp: Experiment, model: str, step: str, key: str) -> Any:
-    return exp.models[model]["resources"].get(step, {}).get(key)
+    return exp.models[model].resource(step, key)
 
 
 def uses_gpu(exp: Experiment) -> bool:
@@ -147,7 +147,7 @@ def _uncapped_mem_mb(exp: Experiment, model: str, step: str) -> int:
     if value:
         return int(value)
     entry = exp.models[model]
-    weights_gb = entry["params_b"] * (4.0 if exp.model_dtype(model) == "float32" else 2.0)
+    weights_gb = entry.params_b * (4.0 if exp.model_dtype(model) == "float32" else 2.0)
     calib = exp.calibration
     activations_gb = calib.nsamples * calib.seqlen * 8192 * 4 * 3 / 1e9 if step == "prune" else 0.0
     factor = MEMORY_FACTOR.get(step, DEFAULT_MEMORY_FACTOR)
@@ -213,7 +213,7 @@ def check_prune_retries(
 
 def _fixed_minutes(exp: Experiment, model: str) -> float:
     """Loading and saving: 20 + 6 per billion parameters (× CPU_SLOWDOWN without a GPU)."""
-    minutes = 20 + 6 * exp.models[model]["params_b"]
+    minutes = 20 + 6 * exp.models[model].params_b
     return minutes if uses_gpu(exp) else minutes * CPU_SLOWDOWN
 
 
@@ -228,7 +228,7 @@ def _uncapped_runtime(
     value = _override(exp, model, step, "runtime") or FIXED_RUNTIME_MINUTES.get(step)
     if value:
         return int(value)
-    size = exp.models[model]["params_b"]
+    size = exp.models[model].params_b
     minutes = _fixed_minutes(exp, model)
     shape = flops.LayerShape.from_entry(exp.models[model])
     gpu_model = partition.gpu_model if partition is not None else None
@@ -268,7 +268,7 @@ def prune_attempts(
     compute = total - fixed
     shape = flops.LayerShape.from_entry(exp.models[model])
     # without a shape: the fetch's layer count, else LLaMA-3-8B's 32
-    layers = shape.layers if shape is not None else exp.models[model].get("num_layers") or 32
+    layers = shape.layers if shape is not None else exp.models[model].num_layers
     per_layer = compute / layers
     settings = exp.compute_for(model)
     lost = min(settings.checkpoint_every_layers * per_layer, settings.checkpoint_every_minutes + per_layer)
@@ -360,7 +360,7 @@ def zeroshot_seconds(exp: Experiment, model: str, gpu_model: str | None = None) 
     """Modelled seconds of one row's zero-shot evaluation (no margin): 2 · parameters per token
     scored (`flops.zeroshot_forward`) in the model's dtype on `compute_device`."""
     precision = flops.precision_of(exp.model_dtype(model))
-    work = flops.zeroshot_forward(exp.models[model]["params_b"] * 1e9, zeroshot_tokens(exp), precision)
+    work = flops.zeroshot_forward(exp.models[model].params_b * 1e9, zeroshot_tokens(exp), precision)
     return flops.seconds(work, compute_device(exp, gpu_model))
 
 
@@ -430,7 +430,7 @@ def _shape_with_vocab(exp: Experiment, model: str) -> flops.LayerShape | None:
     shape = flops.LayerShape.from_entry(exp.models[model])
     if shape is None:
         return None
-    rest = exp.models[model]["params_b"] * 1e9 - shape.layers * shape.layer_params
+    rest = exp.models[model].params_b * 1e9 - shape.layers * shape.layer_params
     return dataclasses.replace(shape, vocab=max(0, int(rest / (2 * shape.hidden))))
 
 
@@ -568,7 +568,7 @@ BYTES_PER_PARAMETER: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2
 
 def weights_bytes(exp: Experiment, model: str) -> float:
     """Bytes of the model's weights in its dtype (params_b × 10⁹ × bytes per parameter)."""
-    return exp.models[model]["params_b"] * 1e9 * BYTES_PER_PARAMETER[exp.model_dtype(model)]
+    return exp.models[model].params_b * 1e9 * BYTES_PER_PARAMETER[exp.model_dtype(model)]
 
 
 def boundary_bytes(exp: Experiment, model: str) -> float:
@@ -578,7 +578,7 @@ def boundary_bytes(exp: Experiment, model: str) -> float:
     bytes (a LLaMA-type decoder has ≈ 12 · layers · hidden² parameters)."""
     shape = flops.LayerShape.from_entry(exp.models[model])
     if shape is None:
-        return exp.models[model]["params_b"] * 1e9 / 3
+        return exp.models[model].params_b * 1e9 / 3
     return (shape.layers - 1) * shape.hidden**2 * 4
 
 
@@ -618,7 +618,7 @@ def resource_table(exp: Experiment) -> str:
     for model, entry in exp.models.items():
         cells = [
             model,
-            f"{entry['params_b']:g} B",
+            f"{entry.params_b:g} B",
             exp.model_dtype(model),
             f"{weights_bytes(exp, model) / 1e9:.0f} GB",
         ]
@@ -631,29 +631,12 @@ def resource_table(exp: Experiment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with_defaults(value: Any, schema: dict[str, Any]) -> Any:
-    """`value` with the schema's defaults filled in (as snakemake.utils.validate does)."""
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for key, sub in properties.items():
-            if key not in value and "default" in sub:
-                value[key] = sub["default"]
-        for key in value:
-            if key in properties:
-                value[key] = _with_defaults(value[key], properties[key])
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [_with_defaults(item, schema["items"]) for item in value]
-    return value
-
-
-def load_experiment(config: str, schema: str = "workflow/schemas/config.schema.yaml") -> Experiment:
-    """The Experiment of a config file (without overlays), with the schema's defaults."""
+def load_experiment(config: str) -> Experiment:
+    """The Experiment of a config file (without overlays); absent keys take the settings' defaults."""
     import yaml
 
     with open(config) as handle:
-        raw = yaml.safe_load(handle)
-    with open(schema) as handle:
-        return Experiment(_with_defaults(raw, yaml.safe_load(handle)))
+        return Experiment(yaml.safe_load(handle))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -663,9 +646,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="Markdown table of host memory and GPUs per model and step")
     table.add_argument("--config", default="config/config.yaml")
-    table.add_argument("--schema", default="workflow/schemas/config.schema.yaml")
     args = parser.parse_args(argv)
-    print(resource_table(load_experiment(args.config, args.schema)), end="")
+    print(resource_table(load_experiment(args.config)), end="")
 
 
 if __name__ == "__main__":

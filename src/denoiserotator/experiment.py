@@ -22,17 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .pruners import PRUNERS, parse_pattern
-from .settings import (
-    CalibrationSettings,
-    ComputeSettings,
-    FinetuneDataSettings,
-    LoraSettings,
-    PerplexitySettings,
-    PruningSettings,
-    RotationSettings,
-    ZeroshotSettings,
-    short_hash,
-)
+from .settings import ComputeSettings, ModelEntry, PipelineConfig, short_hash
 
 __all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
 
@@ -108,28 +98,23 @@ class Row:
 class Experiment:
     """A validated config as settings objects, grid rows and output paths.
 
-    `config` has the keys of workflow/schemas/config.schema.yaml (with its defaults filled in).
-    Raises ValueError on duplicate model slugs or perplexity set names.
+    `config` is a `PipelineConfig` or a mapping of its keys (absent keys take the defaults).
+    Raises SettingsError (a ValueError) on a bad config, naming the key.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.config = config
-        self.resources_dir = str(Path(config["resources_dir"]))
-        self.models: dict[str, dict[str, Any]] = {m["slug"]: m for m in config["models"]}
-        if len(self.models) != len(config["models"]):
-            raise ValueError("config: model slugs must be unique")
-        self.calibration = CalibrationSettings.from_mapping(config["calibration"])
-        self.rotation = RotationSettings.from_mapping(config["rotation"])
-        self.pruning = PruningSettings.from_mapping(config["pruning"])
-        self.compute = ComputeSettings.from_mapping(config["compute"])
-        self.lora = LoraSettings.from_mapping(config["finetune"]["lora"])
-        self.finetune_data = FinetuneDataSettings.from_mapping(config["finetune"]["train"])
-        self.perplexity = {
-            s["name"]: PerplexitySettings.from_mapping(s) for s in config["eval"]["perplexity"]
-        }
-        if len(self.perplexity) != len(config["eval"]["perplexity"]):
-            raise ValueError("config: perplexity set names must be unique")
-        self.zeroshot = ZeroshotSettings.from_mapping(config["eval"]["zeroshot"])
+    def __init__(self, config: Mapping[str, Any] | PipelineConfig) -> None:
+        settings = config if isinstance(config, PipelineConfig) else PipelineConfig.from_mapping(config)
+        self.settings = settings
+        self.resources_dir = str(Path(settings.resources_dir))
+        self.models: dict[str, ModelEntry] = {m.slug: m for m in settings.models}
+        self.calibration = settings.calibration
+        self.rotation = settings.rotation
+        self.pruning = settings.pruning
+        self.compute = settings.compute
+        self.lora = settings.finetune.lora
+        self.finetune_data = settings.finetune.train
+        self.perplexity = {s.name: s for s in settings.eval.perplexity}
+        self.zeroshot = settings.eval.zeroshot
 
     # -- ids ----------------------------------------------------------------------------------
     def calib_id(self) -> str:
@@ -177,24 +162,24 @@ class Experiment:
 
     def rows(self) -> list[Row]:
         """The table's rows in order: per model dense, the grid, rotation-only, LoRA rows."""
-        c = self.config
+        grid = self.settings
         rows = []
         for model in self.models:
-            if c["dense"]:
+            if grid.dense:
                 rows.append(self._row(model, "none", "dense", "none"))
-            for pruner in c["pruners"]:
-                for pattern in c["patterns"]:
+            for pruner in grid.pruners:
+                for pattern in grid.patterns:
                     canonical = str(parse_pattern(pattern))
-                    rows += [self._row(model, pruner, canonical, rot) for rot in c["rotations"]]
-            if c["rotation_only"]:
+                    rows += [self._row(model, pruner, canonical, rot) for rot in grid.rotations]
+            if grid.rotation_only:
                 rows.append(self._row(model, "none", "dense", "denoise"))
-            rows += [self._row(model, ft["pruner"], str(parse_pattern(ft["pattern"])), ft["rotation"], "lora")
-                     for ft in c["finetune"]["rows"]]  # fmt: skip
+            rows += [self._row(model, ft.pruner, str(parse_pattern(ft.pattern)), ft.rotation, "lora")
+                     for ft in grid.finetune.rows]  # fmt: skip
         return rows
 
     # -- files --------------------------------------------------------------------------------
     def corpus_dir(self) -> str:
-        source = self.config["corpus"]["source"]
+        source = self.settings.corpus.source
         return (
             str(Path(source.split(":", 1)[1]))
             if source.startswith("local:")
@@ -228,10 +213,10 @@ class Experiment:
     def fetch_targets(self) -> list[str]:
         """Everything this config downloads (local rules, run once on a machine with internet)."""
         sources = [self.calibration.source, *(s.dataset for s in self.perplexity.values())]
-        if self.config["finetune"]["rows"]:
+        if self.settings.finetune.rows:
             sources.append(self.finetune_data.source)
         targets = [self.base_model_dir(m) for m, entry in self.models.items()
-                   if not entry["source"].startswith("local:")]  # fmt: skip
+                   if not entry.source.startswith("local:")]  # fmt: skip
         targets += [path for spec in sources for path in self.corpus_inputs(spec)]
         if self.zeroshot.tasks:
             targets.append(self.zeroshot_task_dir())
@@ -243,7 +228,7 @@ class Experiment:
                 f"items{z.fixture_items}-seed{z.fixture_seed}-{short_hash(self.corpus_dir())}")  # fmt: skip
 
     def base_model_dir(self, model: str) -> str:
-        source = self.models[model]["source"]
+        source = self.models[model].source
         if source.startswith("local:"):
             return str(Path(source.split(":", 1)[1]))
         return f"{self.resources_dir}/models/{model}"
@@ -283,7 +268,7 @@ class Experiment:
                 {
                     **row.key(),
                     "row": row.path,
-                    "paper_name": self.models[row.model]["paper_name"],
+                    "paper_name": self.models[row.model].paper_name,
                     "files": self.row_files(row),
                 }
                 for row in self.rows()
@@ -293,7 +278,7 @@ class Experiment:
             "calibration": self.calibration.to_dict(),
             "rotation": self.rotation_settings_used(),
             "finetune": {"lora": self.lora.to_dict(), "train": self.finetune_data.to_dict()}
-            if self.config["finetune"]["rows"]
+            if self.settings.finetune.rows
             else None,
         }
 
@@ -307,10 +292,10 @@ class Experiment:
 
     # -- what each stage receives ---------------------------------------------------------------
     def model_dtype(self, model: str) -> str:
-        return self.models[model]["dtype"] or self.compute.dtype
+        return self.models[model].dtype or self.compute.dtype
 
     def compute_for(self, model: str) -> ComputeSettings:
-        return ComputeSettings.from_mapping(self.compute.to_dict(), dtype=self.model_dtype(model))
+        return self.compute.replace(dtype=self.model_dtype(model))
 
     def prune_params(self, model: str, calib: str, variant: str) -> dict[str, Any]:
         """The prune rule's params: the sections that determine this variant, each whole.

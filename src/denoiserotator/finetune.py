@@ -15,7 +15,6 @@ never trained.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -355,7 +354,7 @@ def plan_gpu_memory(
         without, with_it = need(False) / 2**30, need(True) / 2**30
         log.info("gradient checkpointing on: LoRA needs %.1f GiB without it, %.1f GiB with it, "
                  "on %s (%.1f GiB)", without, with_it, device, gpu_bytes / 2**30)  # fmt: skip
-        return dataclasses.replace(settings, gradient_checkpointing=True)
+        return settings.replace(gradient_checkpointing=True)
     raise RuntimeError(
         f"LoRA fine-tuning holds the whole model on one GPU: {loaded / 2**30:.1f} GiB of weights, "
         f"{need(True) / 2**30:.1f} GiB in all even with gradient checkpointing, do not fit {device} "

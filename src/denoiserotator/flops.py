@@ -31,7 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import ModelEntry
 
 PRECISIONS: tuple[str, ...] = ("fp64", "fp32", "tf32", "bf16")
 
@@ -77,18 +80,14 @@ class LayerShape:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any]) -> LayerShape | None:
-        """From a config model entry's optional `shape` mapping (hidden, layers, intermediate, heads,
-        kv_heads; head_dim defaults to hidden / heads). None when the entry has no shape."""
-        shape = entry.get("shape")
-        if not shape:
+    def from_entry(cls, entry: ModelEntry) -> LayerShape | None:
+        """From a config model entry's optional `shape` (head_dim defaults to hidden / heads). None
+        when the entry has no shape."""
+        shape = entry.shape
+        if shape is None:
             return None
-        missing = [name for name in cls.FIELDS if shape.get(name) is None]
-        if missing:
-            raise ValueError(f"model {entry.get('slug')!r}: shape lacks {', '.join(missing)}")
-        head_dim = shape.get("head_dim") or shape["hidden"] // shape["heads"]
-        return cls(shape["hidden"], shape["heads"], shape["kv_heads"], head_dim,
-                   shape["intermediate"], shape["layers"])  # fmt: skip
+        head_dim = shape.head_dim or shape.hidden // shape.heads
+        return cls(shape.hidden, shape.heads, shape.kv_heads, head_dim, shape.intermediate, shape.layers)
 
     @classmethod
     def from_hf_config(cls, config: Any) -> LayerShape:

@@ -145,13 +145,12 @@ def plan(exp: Experiment, site: Site, retries: int | None = None) -> Plan:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="What the grid asks of the site, before submitting.")
     parser.add_argument("--config", default="config/config.yaml")
-    parser.add_argument("--schema", default="workflow/schemas/config.schema.yaml")
     parser.add_argument("--site", default=None,
                         help="the SLURM plugin's partition file (default: the environment's)")  # fmt: skip
     parser.add_argument("--retries", type=int, default=1, help="Snakemake's --retries (the slurm profile: 1)")
     args = parser.parse_args(argv)
     site = Site.from_file(args.site) if args.site else Site.from_environment()
-    result = plan(costs.load_experiment(args.config, args.schema), site, args.retries)
+    result = plan(costs.load_experiment(args.config), site, args.retries)
     print(f"site: {site.source}")
     for partition in site.partitions:
         print(f"  {partition.describe()}")

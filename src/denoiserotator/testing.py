@@ -20,7 +20,9 @@ from transformers import (
     Qwen2Config,
 )
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral")
+from .adapters import FAMILIES
+
+__all__ = ["FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model"]
 
 _TOKENIZER_TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

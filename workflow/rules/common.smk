@@ -21,7 +21,8 @@ def get_final_targets() -> list:
 
 
 def get_fetch_params(wildcards) -> dict:
-    return {key: EXP.models[wildcards.model][key] for key in ("source", "num_layers")}
+    entry = EXP.models[wildcards.model]
+    return {"source": entry.source, "num_layers": entry.num_layers}
 
 
 def get_calib_inputs(wildcards) -> dict:

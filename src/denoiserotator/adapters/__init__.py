@@ -10,6 +10,9 @@ from .mistral import MistralAdapter
 from .qwen2 import Qwen2Adapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter)
+# One family per adapter, named by its first model_type: the `tiny:<family>` sources, and the
+# families every contract test runs on (denoiserotator.testing builds a tiny config of each).
+FAMILIES: tuple[str, ...] = tuple(adapter.model_types[0] for adapter in ADAPTERS)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -41,6 +44,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "FAMILIES",
     "INPUT_GROUPS",
     "LINEAR_NAMES",
     "LayerAdapter",
