@@ -24,12 +24,14 @@ from typing import Any
 
 import yaml
 
-from denoiserotator import pipeline
-from denoiserotator.assets import fetch_corpus, fetch_smollm2
-from denoiserotator.data import calibration_ids
-from denoiserotator.export import load_model
-from denoiserotator.pipeline import PruneSettings, run_pipeline
-from denoiserotator.rotation.train import LayerProblem, RotationResult, train_rotation
+from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+from denoiserotator.files.export import load_model
+from denoiserotator.files.text import calibration_ids
+from denoiserotator.method import sequential as pipeline
+from denoiserotator.method.rotation.iterate import RotationResult
+from denoiserotator.method.rotation.problem import LayerProblem
+from denoiserotator.method.rotation.train import train_rotation
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings
 
 REPO = Path(__file__).resolve().parents[1]

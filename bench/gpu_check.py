@@ -4,12 +4,12 @@ Parts (each reports {"status": "ok" | "skipped" | "failed", ...}; a skip says wh
 
 1. rotation_step: seconds per rotation step (`rotation.train.train_rotation`, Wanda score) of a
    synthetic LLaMA-3-8B-shaped layer (shapes from config/config.yaml) in fp32, TF32 and bf16 (the
-   loss's bf16 "reference" variant), peak GPU memory, and `denoiserotator.flops`' predictions.
+   loss's bf16 "reference" variant), peak GPU memory, and `denoiserotator.plan.flops`' predictions.
 2. workflow: the tiny workflow (config/test.yaml with compute.device cuda) end to end in a
    temporary copy of the workflow files.
 3. smollm2: SmolLM2-135M rotate (Wanda 50%) + prune + perplexity on CPU fp32, CUDA fp32 and CUDA
    bf16; CUDA must match the CPU perplexity within SMOLLM2_TOLERANCE. The machine may be offline:
-   `--assets DIR` is a resources folder where `denoiserotator.assets.fetch_smollm2` /
+   `--assets DIR` is a resources folder where `denoiserotator.files.assets.fetch_smollm2` /
    `fetch_corpus` already put models/smollm2-135m and corpus (copy yours from resources/).
 4. sparse24: forward time of one 8B-shaped decoder layer on sequences × 2048 tokens: dense fp16,
    2:4 through `torch.sparse.to_sparse_semi_structured`, and 2:4 plus the merged boundary rotation
@@ -43,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from denoiserotator import flops  # noqa: E402
+from denoiserotator.plan import flops  # noqa: E402
 from denoiserotator.settings import ModelEntry  # noqa: E402
 
 SMOLLM2_TOLERANCE = {"cuda_fp32": 0.01, "cuda_bf16": 0.05}  # relative perplexity difference to CPU fp32
@@ -91,7 +91,7 @@ def device_profile(device: str) -> flops.Device:
 
 
 def _synthetic_problem(shape: flops.LayerShape, device: str):
-    from denoiserotator.rotation.train import LayerProblem
+    from denoiserotator.method.rotation.problem import LayerProblem
 
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -108,7 +108,7 @@ def _synthetic_problem(shape: flops.LayerShape, device: str):
 
 
 def rotation_step(args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.rotation.train import train_rotation
+    from denoiserotator.method.rotation.train import train_rotation
     from denoiserotator.settings import RotationSettings
 
     device = args.device
@@ -176,7 +176,8 @@ def _tf32_loss_error(problem: Any, device: str) -> dict[str, Any] | None:
     random rotation: `rotation.matmul_precision: high` is the default only if this is ≤ 1e-3."""
     if not device.startswith("cuda"):
         return None
-    from denoiserotator.rotation.train import FusedLayerLoss, loss_matmul_precision, orthogonal_from
+    from denoiserotator.method.rotation.fused_loss import FusedLayerLoss, loss_matmul_precision
+    from denoiserotator.method.rotation.orthogonal import orthogonal_from
 
     generator = torch.Generator(device=device).manual_seed(0)
     hidden = problem.weights["q"].shape[1]
@@ -260,8 +261,8 @@ def _load(args: argparse.Namespace):
 
         corpus = REPO / "config" / "test-corpus"
         return (lambda: tiny_model("llama")), tiny_tokenizer(), corpus, "tiny random Llama (quick)"
-    from denoiserotator.assets import fetch_corpus, fetch_smollm2
-    from denoiserotator.export import load_model
+    from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+    from denoiserotator.files.export import load_model
 
     model_dir = fetch_smollm2(args.assets)  # returns at once when the folder is complete (offline)
     corpus = fetch_corpus(args.assets)
@@ -270,10 +271,10 @@ def _load(args: argparse.Namespace):
 
 
 def smollm2(args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.data import calibration_ids, perplexity_ids
     from denoiserotator.evaluate.perplexity import perplexity
-    from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
-    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations
+    from denoiserotator.files.text import calibration_ids, perplexity_ids
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
     from denoiserotator.settings import ComputeSettings, RotationSettings
 
     cuda_reason = cuda_ok(args.device)
@@ -356,7 +357,7 @@ def _time_ms(function: Callable[[], Any], device: str, repeats: int) -> float:
 
 @torch.inference_mode()
 def sparse24(args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.pruners import parse_pattern, prune_weight
+    from denoiserotator.method.pruners import parse_pattern, prune_weight
 
     device = args.device
     cuda_reason = cuda_ok(device)

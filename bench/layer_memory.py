@@ -36,7 +36,7 @@ def _child(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
     from denoiserotator.settings import ComputeSettings, RotationSettings
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB → GiB
@@ -63,8 +63,8 @@ def _machine_gib() -> float:
 
 
 def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator import costs, flops
-    from denoiserotator.experiment import Experiment
+    from denoiserotator.plan import costs, flops
+    from denoiserotator.plan.experiment import Experiment
 
     shape = SHAPES[name]
     entry = {"slug": name, "params_b": 1.0, "shape": {**shape, "layers": 1}, "resources": {}, "dtype": None}

@@ -64,14 +64,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from denoiserotator.adapters import LINEAR_NAMES, get_adapter
-from denoiserotator.assets import fetch_corpus, fetch_smollm2
-from denoiserotator.data import calibration_ids, perplexity_ids
-from denoiserotator.engine import capture_layer_inputs, run_layer
-from denoiserotator.export import load_model
-from denoiserotator.pipeline import PruneSettings, input_statistics, learn_rotations, to_basis
-from denoiserotator.pruners import lowest_k_mask, parse_pattern, prune_weight
-from denoiserotator.rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation
+from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+from denoiserotator.files.export import load_model
+from denoiserotator.files.text import calibration_ids, perplexity_ids
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.method.engine import capture_layer_inputs, run_layer
+from denoiserotator.method.pruners import lowest_k_mask, parse_pattern, prune_weight
+from denoiserotator.method.rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation
+from denoiserotator.method.sequential import PruneSettings, learn_rotations, to_basis
+from denoiserotator.method.statistics import input_statistics
 from denoiserotator.settings import RotationSettings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from denoiserotator.rotation.fuse import merge_boundary_rotations
+from denoiserotator.method.rotation.fuse import merge_boundary_rotations
 
 
 def peak_mib() -> float:

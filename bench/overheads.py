@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _peak_rss_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: one rotate+prune, then prints its peak RSS in MB."""
-    from denoiserotator.assets import fetch_corpus, fetch_smollm2
-    from denoiserotator.data import calibration_ids
-    from denoiserotator.export import load_model
-    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+    from denoiserotator.files.export import load_model
+    from denoiserotator.files.text import calibration_ids
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
     from denoiserotator.settings import RotationSettings
 
     model_dir, corpus = fetch_smollm2(args.cache), fetch_corpus(args.cache)
@@ -50,8 +50,8 @@ def _peak_rss_child(args: argparse.Namespace) -> None:
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.assets import fetch_smollm2
-    from denoiserotator.export import load_model
+    from denoiserotator.files.assets import fetch_smollm2
+    from denoiserotator.files.export import load_model
 
     model, _ = load_model(fetch_smollm2(args.cache))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -67,10 +67,10 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def forward_times(args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.assets import fetch_smollm2
-    from denoiserotator.export import load_model
-    from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
-    from denoiserotator.pipeline import PruneSettings, run_pipeline
+    from denoiserotator.files.assets import fetch_smollm2
+    from denoiserotator.files.export import load_model
+    from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
     from denoiserotator.settings import RotationSettings
 
     model_dir = fetch_smollm2(args.cache)

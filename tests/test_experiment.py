@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import yaml
 
-from denoiserotator import costs
-from denoiserotator.experiment import Experiment, Row
-from denoiserotator.pipeline import PruneSettings
+from denoiserotator.method.sequential import PruneSettings
+from denoiserotator.plan import costs
+from denoiserotator.plan.experiment import Experiment, Row
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
@@ -200,7 +200,7 @@ def test_gpu_steps_are_the_rules_that_request_gpus() -> None:
 
 def test_readme_cluster_table_is_the_command_output() -> None:
     """Claim: the cluster guide's resource table (docs/cluster.md) is what
-    `python -m denoiserotator.costs table` prints for config/config.yaml (regenerate it with that
+    `python -m denoiserotator.plan.costs table` prints for config/config.yaml (regenerate it with that
     command when the sizing changes)."""
     import contextlib
     import io

@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from denoiserotator.adapters import LINEAR_NAMES, get_adapter
-from denoiserotator.export import (
+from denoiserotator.files.export import (
     METADATA_FILE,
     LoadingError,
     folder_loaded_bytes,
@@ -25,12 +24,17 @@ from denoiserotator.export import (
     read_metadata,
     save_model,
 )
-from denoiserotator.modeling_denoiserotator import (
+from denoiserotator.files.modeling_denoiserotator import (
     BOUNDARY_ATTR,
     attach_boundary_rotations,
     get_boundary_rotations,
 )
-from denoiserotator.rotation.fuse import fold_layer_norms, fuse_layer_rotation, merge_boundary_rotations
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.method.rotation.fuse import (
+    fold_layer_norms,
+    fuse_layer_rotation,
+    merge_boundary_rotations,
+)
 from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
@@ -384,7 +388,7 @@ def test_boundaries_stay_fp32_in_a_bfloat16_model(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from denoiserotator.export import main
+    from denoiserotator.files.export import main
 
     model = tiny_model("llama", num_layers=2)
     with torch.no_grad():
@@ -422,7 +426,7 @@ def test_folder_sparsity_streams_and_equals_the_model_count(
     import transformers
 
     from denoiserotator import tables
-    from denoiserotator.export import folder_sparsity
+    from denoiserotator.files.export import folder_sparsity
 
     model = _pruned(family, seed=7)
     folder = tmp_path / "m"
@@ -448,7 +452,7 @@ def test_folder_sparsity_streams_and_equals_the_model_count(
 
 def test_folder_sparsity_refuses_a_folder_without_a_layer(tmp_path: Path) -> None:
     """Claim: a decoder linear missing from the files is an error, not a count over fewer weights."""
-    from denoiserotator.export import folder_sparsity
+    from denoiserotator.files.export import folder_sparsity
 
     folder = tmp_path / "m"
     save_model(tiny_model("llama"), None, folder)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from denoiserotator.adapters import LINEAR_NAMES, get_adapter
-from denoiserotator.pipeline import PruneSettings, run_pipeline
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import PruningSettings, RotationSettings
 from denoiserotator.testing import tiny_model
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from denoiserotator.adapters import LINEAR_NAMES, get_adapter
-from denoiserotator.data import save_calibration
-from denoiserotator.export import load_model, measured_sparsity, read_metadata, save_model
+from denoiserotator.files.export import load_model, measured_sparsity, read_metadata, save_model
+from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations, get_boundary_rotations
+from denoiserotator.files.text import save_calibration
 from denoiserotator.finetune import lora_finetune, main, training_ids
-from denoiserotator.modeling_denoiserotator import attach_boundary_rotations, get_boundary_rotations
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.settings import LoraSettings
 from denoiserotator.testing import tiny_model, tiny_tokenizer
 
@@ -167,7 +167,8 @@ def test_lora_gpu_memory_switches_on_checkpointing_or_refuses_before_loading(
     too small even then fails in one line naming the sizes, before any weight is read."""
     from types import SimpleNamespace
 
-    from denoiserotator import costs, finetune, flops
+    from denoiserotator import finetune
+    from denoiserotator.plan import costs, flops
     from denoiserotator.settings import ComputeSettings, FinetuneDataSettings
 
     source = tmp_path / "pruned"
@@ -213,7 +214,7 @@ def test_the_lora_memory_model_matches_what_autograd_saves(checkpointing: bool) 
     """`flops.lora_saved_bytes` (fitted by bench/lora_memory.py on other shapes) against the bytes
     autograd saves for backward on shapes it was not fitted on: within 10 %, never below by more
     than 2 % (a request must not be short)."""
-    from denoiserotator import flops
+    from denoiserotator.plan import flops
     from denoiserotator.testing import lora_saved_bytes, sized_llama
 
     for hidden, intermediate, heads, layers, vocab, seqlen in (
@@ -232,9 +233,9 @@ def test_the_lora_memory_model_matches_what_autograd_saves(checkpointing: bool) 
 def test_lora_rows_that_no_gpu_holds_are_refused_at_planning() -> None:
     """The paper grid's 32B (fp32), 70B and 72B models cannot be LoRA-trained on one A100-80G even
     with checkpointing: refused when planned, with the reason; 8B and 14B (checkpointing) fit."""
-    from denoiserotator import costs
-    from denoiserotator.cluster import Partition, Site
-    from denoiserotator.experiment import Experiment
+    from denoiserotator.plan import costs
+    from denoiserotator.plan.cluster import Partition, Site
+    from denoiserotator.plan.experiment import Experiment
     from tests.test_experiment import load
 
     exp, site = Experiment(load("config.yaml")), Site((Partition("gpu", None, None, 8),), "test")

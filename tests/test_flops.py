@@ -1,4 +1,4 @@
-"""The cost model (denoiserotator.flops) counts what the code computes: its matmul FLOPs equal what
+"""The cost model (denoiserotator.plan.flops) counts what the code computes: its matmul FLOPs equal what
 torch's FlopCounterMode reports for the same code on small shapes; the resource requests use it.
 
 FlopCounterMode counts mm/addmm/bmm (and eager attention's matmuls); it does not count QR, Cholesky,
@@ -17,15 +17,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from denoiserotator import costs, flops
-from denoiserotator.adapters import get_adapter
-from denoiserotator.engine import capture_layer_inputs
-from denoiserotator.experiment import Experiment
-from denoiserotator.gram import GramAccumulator
-from denoiserotator.pipeline import input_statistics
-from denoiserotator.pruners import parse_pattern
-from denoiserotator.pruners.sparsegpt import sparsegpt_prune
-from denoiserotator.rotation.train import LayerProblem, layer_loss, orthogonal_from
+from denoiserotator.method.adapters import get_adapter
+from denoiserotator.method.engine import capture_layer_inputs
+from denoiserotator.method.gram import GramAccumulator
+from denoiserotator.method.pruners import parse_pattern
+from denoiserotator.method.pruners.sparsegpt import sparsegpt_prune
+from denoiserotator.method.rotation.orthogonal import orthogonal_from
+from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
+from denoiserotator.method.statistics import input_statistics
+from denoiserotator.plan import costs, flops
+from denoiserotator.plan.experiment import Experiment
 from denoiserotator.testing import tiny_model
 from tests.test_experiment import load
 
@@ -74,7 +75,7 @@ def test_rotation_training_counts_the_selected_optimizers_work(
     cost model's matmuls equal the counter's (the default `cayley` must not be priced as `paper`).
     The fused backward accumulates with in-place `addmm_`, which the counter misses: it is made
     out of place here (same arithmetic)."""
-    from denoiserotator.rotation.train import train_rotation
+    from denoiserotator.method.rotation.train import train_rotation
     from denoiserotator.settings import RotationSettings
 
     problem = _random_problem(score, seed=1)
@@ -251,7 +252,7 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
 def test_the_loss_statistics_counted_are_the_ones_the_loss_builds(variant: str) -> None:
-    from denoiserotator.rotation.train import loss_statistic_inputs
+    from denoiserotator.method.rotation.problem import loss_statistic_inputs
 
     assert flops.loss_statistic_linears(variant) == list(loss_statistic_inputs(variant).values())
 

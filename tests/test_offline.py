@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from denoiserotator import assets
-from denoiserotator.data import (
+from denoiserotator.files import assets
+from denoiserotator.files.text import (
     C4_TRAIN_FILE,
     C4_VALIDATION_FILE,
     MissingAssetError,
     calibration_documents,
     perplexity_text,
 )
-from denoiserotator.experiment import Experiment
+from denoiserotator.plan.experiment import Experiment
 
 from .test_experiment import load
 

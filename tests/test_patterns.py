@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denoiserotator.pruners.patterns import SparsityPattern, lowest_k_mask, nm_keep_mask, parse_pattern
+from denoiserotator.method.pruners.patterns import SparsityPattern, lowest_k_mask, nm_keep_mask, parse_pattern
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from denoiserotator.data import perplexity_ids
 from denoiserotator.evaluate import perplexity as perplexity_module
 from denoiserotator.evaluate.perplexity import perplexity
+from denoiserotator.files.text import perplexity_ids
 from denoiserotator.testing import save_tiny_model, tiny_model, tiny_tokenizer
 
 
@@ -106,7 +106,7 @@ def _orthogonal(size: int, seed: int) -> torch.Tensor:
 
 def _saved(family: str, folder: Path, rotated: bool, tie: bool = False) -> Path:
     """A tiny folder; `rotated`: boundary rotations merged into layers 0 and 2 (Rotated* class)."""
-    from denoiserotator.export import save_model
+    from denoiserotator.files.export import save_model
 
     model = tiny_model(family, seed=3, num_layers=3, tie=tie)
     boundary = [_orthogonal(64, 1), None, _orthogonal(64, 2)] if rotated else None
@@ -120,8 +120,8 @@ def test_layerwise_perplexity_equals_whole_model(family: str, rotated: bool, tmp
     """Claim: one decoder layer at a time gives the whole-model forward's perplexity (fp32), for
     every family, plain and with merged boundary rotations (loaded as Rotated*: the hooks act in
     both paths), with a last batch smaller than the others (its own recorded kwargs)."""
-    from denoiserotator.export import load_model
-    from denoiserotator.modeling_denoiserotator import is_rotated
+    from denoiserotator.files.export import load_model
+    from denoiserotator.files.modeling_denoiserotator import is_rotated
 
     model, _ = load_model(_saved(family, tmp_path / "m", rotated))
     assert is_rotated(model) == rotated
@@ -132,7 +132,7 @@ def test_layerwise_perplexity_equals_whole_model(family: str, rotated: bool, tmp
     assert layerwise["nll"] == pytest.approx(whole["nll"], rel=1e-6, abs=0)
     # The boundary rotations matter: without them the perplexity is another one.
     if rotated:
-        from denoiserotator.modeling_denoiserotator import attach_boundary_rotations
+        from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations
 
         attach_boundary_rotations(model, [None] * 3)
         assert perplexity_module.perplexity_layerwise(model, ids, 40)["nll"] != pytest.approx(
@@ -145,7 +145,7 @@ def test_layerwise_perplexity_in_bfloat16_keeps_rotary_frequencies(tmp_path: Pat
     does (rotary inv_freq stays float32 while activations are captured): same perplexity as the
     whole model over 256-token windows (the same bf16 operations in the same order, so equal to
     fp64 rounding; a bf16-rounded inv_freq moved the NLL by 4e-5 relative here)."""
-    from denoiserotator.export import load_model
+    from denoiserotator.files.export import load_model
 
     model, _ = load_model(_saved("llama", tmp_path / "m", rotated=True), dtype=torch.bfloat16)
     ids = torch.randint(3, 384, (2 * 256,), generator=torch.Generator().manual_seed(5))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denoiserotator.adapters import LINEAR_NAMES, get_adapter
-from denoiserotator.engine import capture_layer_inputs, run_layer
-from denoiserotator.pipeline import PruneSettings, input_statistics, run_pipeline
+from denoiserotator.method import checkpoint
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.method.engine import capture_layer_inputs, run_layer
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
+from denoiserotator.method.statistics import input_statistics
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import FAMILIES, tiny_model
 
@@ -134,7 +136,7 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
     ids = calibration(reference_model)
     reference = run_pipeline(reference_model, ids, settings, progress=False)
 
-    import denoiserotator.pipeline as pipeline
+    import denoiserotator.method.sequential as pipeline
 
     real_run_layer = pipeline.run_layer
     calls = {"n": 0}
@@ -173,7 +175,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
     """With checkpoint_every_layers=2 the activations are written once in 4 layers (not after
     every layer), and a run killed in layer 3 resumes after layer 1 (layer 2, finished but not
     checkpointed, is redone) with a result equal to an uninterrupted run."""
-    import denoiserotator.pipeline as pipeline
+    import denoiserotator.method.sequential as pipeline
 
     compute = ComputeSettings(checkpoint_every_layers=2, checkpoint_every_minutes=0)
     settings = PruneSettings(
@@ -182,7 +184,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
     ids = calibration(tiny_model("llama", num_layers=4))
     reference = run_pipeline(tiny_model("llama", num_layers=4), ids, settings, progress=False)
 
-    real_run_layer, real_save = pipeline.run_layer, pipeline._atomic_save
+    real_run_layer, real_save = pipeline.run_layer, checkpoint._atomic_save
     calls = {"n": 0}
     hidden_writes: list[str] = []
 
@@ -198,7 +200,7 @@ def test_resume_is_exact_when_checkpoints_are_every_k_layers(tmp_path, monkeypat
         return real_save(obj, path)
 
     monkeypatch.setattr(pipeline, "run_layer", dying_run_layer)
-    monkeypatch.setattr(pipeline, "_atomic_save", counting_save)
+    monkeypatch.setattr(checkpoint, "_atomic_save", counting_save)
     with pytest.raises(RuntimeError, match="node failure"):
         run_pipeline(
             tiny_model("llama", num_layers=4), ids, settings, progress=False, checkpoint_dir=tmp_path
@@ -255,7 +257,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tmp_
 
 def test_checkpoint_policy_counts_layers_and_minutes() -> None:
     """A checkpoint is due once k layers or t minutes passed since the last one; 0 disables each."""
-    from denoiserotator.pipeline import CheckpointPolicy
+    from denoiserotator.method.checkpoint import CheckpointPolicy
 
     now = {"t": 0.0}
     policy = CheckpointPolicy(every_layers=3, every_minutes=10, clock=lambda: now["t"])
@@ -303,7 +305,7 @@ def test_a_checkpoint_of_another_model_is_never_resumed(tmp_path, monkeypatch, c
 
 def _interrupted_run(tmp_path, monkeypatch, settings: PruneSettings, family: str = "llama"):
     """Run 3 layers, die inside layer 2 (layers 0 and 1 checkpointed); the calibration ids."""
-    import denoiserotator.pipeline as pipeline
+    import denoiserotator.method.sequential as pipeline
 
     ids = calibration(tiny_model(family, num_layers=3))
     real_run_layer = pipeline.run_layer
@@ -329,12 +331,12 @@ def test_a_checkpoint_written_before_a_change_to_the_numerics_is_not_resumed(
     tmp_path, monkeypatch, caplog
 ) -> None:
     """The key hashes the numerics sources, not a version string that no layer-changing commit
-    bumped: after an edit to one (here rotation/train.py, in a copy of the package), the job starts
+    bumped: after an edit to one (here method/rotation/cayley.py, in a copy of the package), the job starts
     over; an edit to a planning module (tables.py) keeps the checkpoint."""
     import logging
     import shutil
 
-    from denoiserotator import fingerprint
+    from denoiserotator.method import fingerprint
 
     package = tmp_path / "package"
     shutil.copytree(fingerprint.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -349,7 +351,7 @@ def test_a_checkpoint_written_before_a_change_to_the_numerics_is_not_resumed(
     with open(package / "tables.py", "a") as handle:
         handle.write("\n# a change to the report only\n")
     assert fingerprint.code_digest() == before
-    with open(package / "rotation" / "train.py", "a") as handle:
+    with open(package / "method" / "rotation" / "cayley.py", "a") as handle:
         handle.write("\n# a change to the numerics\n")
     assert fingerprint.code_digest() != before
     with caplog.at_level(logging.INFO):
@@ -393,7 +395,7 @@ def test_changing_threads_or_evaluation_settings_keeps_a_checkpoint_resumable(
 def test_an_interrupted_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
     """A save interrupted half-way (here after a partial write) removes its temporary file: at
     70B it holds 4.3 GB of activations."""
-    import denoiserotator.pipeline as pipeline
+    import denoiserotator.method.sequential as pipeline
 
     def interrupted_save(obj, path):
         with open(path, "wb") as handle:
@@ -402,7 +404,7 @@ def test_an_interrupted_checkpoint_write_leaves_no_partial_file(tmp_path, monkey
 
     monkeypatch.setattr(pipeline.torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        pipeline._atomic_save({"x": 1}, tmp_path / "hidden-3.pt")
+        checkpoint._atomic_save({"x": 1}, tmp_path / "hidden-3.pt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -414,7 +416,7 @@ def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.Log
 
     model = tiny_model("llama", num_layers=3)
     settings = PruneSettings(pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=3))
-    with caplog.at_level(logging.INFO, logger="denoiserotator.pipeline"):
+    with caplog.at_level(logging.INFO, logger="denoiserotator.method.sequential"):
         result = run_pipeline(model, calibration(model), settings, progress=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("layer ")]
     assert len(lines) == 3
@@ -437,7 +439,7 @@ def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.Log
 def test_the_rotation_loss_builds_no_down_proj_statistic(variant: str, monkeypatch) -> None:
     """down_proj's factor cancels in its column groups: the paper variant never collects its
     Gram (nor inverts it); the reference variant does, as the reference code applies it in bf16."""
-    from denoiserotator import pipeline
+    from denoiserotator.method import sequential as pipeline
 
     collected: list[tuple[str, ...]] = []
     original = pipeline.checked_statistics
@@ -498,7 +500,7 @@ def test_gram_collection_stops_the_forward_once_its_inputs_are_seen(family: str)
 def test_wanda_pruning_collects_only_gram_diagonals(monkeypatch: pytest.MonkeyPatch, rotated: bool) -> None:
     """Wanda reads only diag(H): its pruning passes accumulate Σ x² (in,), never an (in, in) Gram,
     and prune exactly as from the whole Gram's diagonal. Full Grams remain for the rotation loss."""
-    import denoiserotator.gram as gram_module
+    import denoiserotator.method.gram as gram_module
 
     rotation = RotationSettings(steps=3, loss_score="wanda") if rotated else None
     settings = PruneSettings("wanda", "2:4", rotation)
@@ -513,7 +515,7 @@ def test_wanda_pruning_collects_only_gram_diagonals(monkeypatch: pytest.MonkeyPa
 
         with monkeypatch.context() as patch:
             # force_full: whole Grams reach Wanda, which reads their diagonal
-            patch.setattr("denoiserotator.pipeline.collect_grams", recording)
+            patch.setattr("denoiserotator.method.statistics.collect_grams", recording)
             model = tiny_model("qwen2", num_layers=2)
             run_pipeline(model, calibration(model), settings, progress=False)
         return {name: p.detach().clone() for name, p in model.named_parameters()}, shapes
@@ -561,7 +563,7 @@ def test_sigterm_checkpoints_the_finished_layers_and_the_retry_resumes_exactly(
     import os
     import signal
 
-    import denoiserotator.pipeline as pipeline
+    import denoiserotator.method.sequential as pipeline
     from denoiserotator.preemption import Preempted, handle_signals
 
     never = ComputeSettings(checkpoint_every_layers=0, checkpoint_every_minutes=0)

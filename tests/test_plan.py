@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from denoiserotator import costs, plan
-from denoiserotator.cluster import Partition, Site, SiteError
-from denoiserotator.experiment import Row
+from denoiserotator.plan import costs
+from denoiserotator.plan import jobs as plan
+from denoiserotator.plan.cluster import Partition, Site, SiteError
+from denoiserotator.plan.experiment import Row
 from tests.test_experiment import load
 from tests.test_sbatch_flags import planned_jobs, sbatch_line
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from denoiserotator.adapters import get_adapter
-from denoiserotator.engine import capture_layer_inputs, run_layer
-from denoiserotator.export import load_model
-from denoiserotator.modeling_denoiserotator import BOUNDARY_ATTR, attach_boundary_rotations
-from denoiserotator.pipeline import PruneSettings, run_pipeline
-from denoiserotator.precision import fp32_modules, place
-from denoiserotator.rotation.fuse import RotatedLayer
+from denoiserotator.files.export import load_model
+from denoiserotator.files.modeling_denoiserotator import BOUNDARY_ATTR, attach_boundary_rotations
+from denoiserotator.method.adapters import get_adapter
+from denoiserotator.method.engine import capture_layer_inputs, run_layer
+from denoiserotator.method.precision import fp32_modules, place
+from denoiserotator.method.rotation.fuse import RotatedLayer
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import ComputeSettings, RotationSettings
 from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from denoiserotator import calibrate, prune
-from denoiserotator.export import load_model
+from denoiserotator.files.export import load_model
 from denoiserotator.testing import save_tiny_model
 
 TEXT = " ".join(
@@ -73,7 +73,7 @@ def test_pruned_rotated_stage_keeps_the_pattern_on_reload(
     assert all("damping" in layer for layer in record["layers"])
 
 
-# Config keys an exported folder changes on purpose, and why (export.py, rotation/fuse.py, prune.py):
+# Config keys an exported folder changes on purpose, and why (files/export.py, rotation/fuse.py):
 # - architectures, auto_map, denoiserotator_boundary_layers: a folder with merged boundary
 #   rotations names the Rotated* class that applies them (export._patch_config);
 # - tie_word_embeddings True -> False: the first rotation is folded into the embedding only, so
@@ -93,7 +93,7 @@ ROTATED_KEYS = {"architectures", "auto_map", "denoiserotator_boundary_layers"}
 def test_exported_config_keeps_the_sources_configuration(
     stage_inputs: tuple[Path, Path], tmp_path: Path, pruner: str, rotation: str, dtype: str, tie: bool
 ) -> None:
-    from denoiserotator.pipeline import PruneSettings
+    from denoiserotator.method.sequential import PruneSettings
     from denoiserotator.settings import ComputeSettings, RotationSettings
     from denoiserotator.testing import tiny_model, tiny_tokenizer
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from denoiserotator.pruners import (
+from denoiserotator.method.pruners import (
     PRUNERS,
     PruneResult,
     SparsityPattern,
@@ -362,7 +362,7 @@ def test_norm_folding_changes_magnitude_masks_but_not_wanda_masks():
     |W_ij|·‖γ_j x_j‖), Magnitude's is not: a small γ_j hides column j from one per-matrix
     threshold. This is why only Magnitude changes with 0 rotation steps (README, "Magnitude
     and DenoiseRotator on SmolLM2")."""
-    from denoiserotator.pruners import magnitude_mask, parse_pattern, wanda_mask
+    from denoiserotator.method.pruners import magnitude_mask, parse_pattern, wanda_mask
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 32, generator=generator, dtype=torch.float64)

@@ -5,22 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denoiserotator.adapters import get_adapter
-from denoiserotator.rotation.fuse import (
+from denoiserotator.method.adapters import get_adapter
+from denoiserotator.method.rotation.fuse import (
     RotatedLayer,
     expand_kv_blocks,
     fold_layer_norms,
     fuse_layer_rotation,
     merge_boundary_rotations,
 )
-from denoiserotator.rotation.loss import InputStatistic, group_entropy, linear_entropy
-from denoiserotator.rotation.train import (
-    LayerProblem,
-    RotationSettings,
-    layer_loss,
-    orthogonal_from,
-    train_rotation,
-)
+from denoiserotator.method.rotation.loss import InputStatistic, group_entropy, linear_entropy
+from denoiserotator.method.rotation.orthogonal import orthogonal_from
+from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
+from denoiserotator.method.rotation.train import train_rotation
+from denoiserotator.settings import RotationSettings
 from denoiserotator.testing import FAMILIES, tiny_model
 
 

@@ -5,20 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denoiserotator.adapters import get_adapter
-from denoiserotator.pruners.sparsegpt import inverse_hessian_cholesky
-from denoiserotator.rotation.fuse import fold_layer_norms
-from denoiserotator.rotation.loss import InputStatistic, linear_entropy, squared_entropy
-from denoiserotator.rotation.train import (
-    FusedLayerLoss,
-    LayerProblem,
-    RotationResult,
-    RotationSettings,
-    cayley_retract,
-    layer_loss,
-    orthogonal_from,
-    train_rotation,
-)
+from denoiserotator.method.adapters import get_adapter
+from denoiserotator.method.pruners.sparsegpt import inverse_hessian_cholesky
+from denoiserotator.method.rotation.fuse import fold_layer_norms
+from denoiserotator.method.rotation.fused_loss import FusedLayerLoss
+from denoiserotator.method.rotation.iterate import RotationResult
+from denoiserotator.method.rotation.loss import InputStatistic, linear_entropy, squared_entropy
+from denoiserotator.method.rotation.orthogonal import cayley_retract, orthogonal_from
+from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
+from denoiserotator.method.rotation.train import train_rotation
+from denoiserotator.settings import RotationSettings
 from denoiserotator.testing import tiny_model
 
 
@@ -258,7 +254,7 @@ def test_a_jump_in_the_loss_backs_off_at_once() -> None:
 def test_tf32_is_scoped_to_the_loss_on_cuda_and_never_used_on_cpu() -> None:
     """The loss's matmul precision is set only on a CUDA device, only inside the block, and the
     global setting is restored even when the block raises."""
-    from denoiserotator.rotation.train import loss_matmul_precision
+    from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
 
     before = torch.get_float32_matmul_precision()
     with loss_matmul_precision("high", torch.device("cpu")):

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from denoiserotator import costs
-from denoiserotator.experiment import Row
+from denoiserotator.plan import costs
+from denoiserotator.plan.experiment import Row
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command  # noqa: E402
@@ -187,8 +187,8 @@ def test_the_prune_rule_reserves_its_resuming_attempts_and_one_retry_for_failure
     retry used to be shared between them and every other failure (the plan stopped, asking for
     more); the prune rule now reserves its attempts plus one retry for a node failure, with the limit
     from the variables or from the partition file."""
-    from denoiserotator import plan
-    from denoiserotator.cluster import Partition, Site
+    from denoiserotator.plan import jobs as plan
+    from denoiserotator.plan.cluster import Partition, Site
 
     exp = costs.load_experiment(str(ROOT / "config/config.yaml"))
     limits = {2880: 1, 2160: 2, 1440: 3}

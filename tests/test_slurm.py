@@ -320,7 +320,7 @@ SHORT_SITE = {"partitions": {"short": SHORT, "debug": {"max_gpu": 0}}}
 
 
 def _long_prune_workdir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, str]:
-    from denoiserotator.costs import load_experiment
+    from denoiserotator.plan.costs import load_experiment
 
     dest = _copy_repository(tmp_path_factory.mktemp(name))
     config = yaml.safe_load((dest / CONFIG).read_text())
@@ -366,7 +366,7 @@ def test_a_prune_job_over_maxtime_resumes_over_attempts_to_identical_weights(
 def test_a_memory_request_too_small_fails_visibly(workdir: Path, first_run: Run) -> None:
     """SLURM enforces --mem (OverMemoryKill, no cgroups needed): a calibration job asking for 60 MB
     is killed, and both Snakemake and sacct say it failed."""
-    from denoiserotator.costs import load_experiment
+    from denoiserotator.plan.costs import load_experiment
 
     exp = load_experiment(str(workdir / CONFIG))
     target = f"results/calib/tiny-llama/{exp.calib_id()}.pt"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from denoiserotator import costs
+from denoiserotator.plan import costs
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 pytest.importorskip("snakemake_executor_plugin_slurm_jobstep")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from denoiserotator.evaluate.uncertainty import mean_stderr
 from denoiserotator.tables import (
     build_tables,
     collect,
@@ -18,7 +19,6 @@ from denoiserotator.tables import (
     plot_zeroshot,
     to_markdown,
 )
-from denoiserotator.uncertainty import mean_stderr
 
 
 def _write(path: Path, payload: dict) -> str:

@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from denoiserotator.uncertainty import binomial_stderr, items_for_avg_stderr, mean_stderr, within_noise
+from denoiserotator.evaluate.uncertainty import (
+    binomial_stderr,
+    items_for_avg_stderr,
+    mean_stderr,
+    within_noise,
+)
 
 
 def test_mean_stderr_formula_and_simulation() -> None:

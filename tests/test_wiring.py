@@ -24,19 +24,17 @@ import pytest
 import torch
 from torch import nn
 
-import denoiserotator.pipeline as pipeline
-import denoiserotator.rotation.train as train_module
-from denoiserotator.adapters import LINEAR_NAMES, ModelAdapter, get_adapter
-from denoiserotator.pipeline import PruneSettings, run_pipeline
-from denoiserotator.pruners import parse_pattern, prune_weight
-from denoiserotator.rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation
-from denoiserotator.rotation.loss import InputStatistic
-from denoiserotator.rotation.train import (
-    LayerProblem,
-    RotationResult,
-    layer_loss,
-    train_rotation,
-)
+import denoiserotator.method.rotation.paper as paper_optimizer
+import denoiserotator.method.sequential as pipeline
+import denoiserotator.method.statistics as statistics
+from denoiserotator.method.adapters import LINEAR_NAMES, ModelAdapter, get_adapter
+from denoiserotator.method.pruners import parse_pattern, prune_weight
+from denoiserotator.method.rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation
+from denoiserotator.method.rotation.iterate import RotationResult
+from denoiserotator.method.rotation.loss import InputStatistic
+from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
+from denoiserotator.method.rotation.train import train_rotation
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings
 from denoiserotator.testing import tiny_model
 
@@ -364,7 +362,7 @@ def _cache_first_grams(real):
 def test_comparison_detects_missing_recollection(monkeypatch: pytest.MonkeyPatch, pruner: str) -> None:
     """A pipeline that collects the Grams once per layer instead of before every group is caught
     by the comparison with the re-implementation (so the test above can fail)."""
-    monkeypatch.setattr(pipeline, "input_statistics", _cache_first_grams(pipeline.input_statistics))
+    monkeypatch.setattr(statistics, "input_statistics", _cache_first_grams(statistics.input_statistics))
     model, _, _ = run_patched_pipeline(monkeypatch, "qwen2", pruner, "50%")
     reference, _ = reference_for("qwen2", pruner, "50%")
     found = mismatches(model, reference)
@@ -657,7 +655,7 @@ def test_rotation_steps_counts_the_updates_actually_run(monkeypatch: pytest.Monk
             updates[-1] += 1
             return super().step(closure)
 
-    real_loss = train_module.layer_loss
+    real_loss = paper_optimizer.layer_loss
     evaluations = {"n": 0}
 
     def poisoned(problem, rotation, blocks, variant):
@@ -673,7 +671,7 @@ def test_rotation_steps_counts_the_updates_actually_run(monkeypatch: pytest.Monk
         return real_train(problem, settings, **kwargs)
 
     monkeypatch.setattr(torch.optim, "Adam", CountingAdam)
-    monkeypatch.setattr(train_module, "layer_loss", poisoned)
+    monkeypatch.setattr(paper_optimizer, "layer_loss", poisoned)
     monkeypatch.setattr(pipeline, "train_rotation", train)
     model = tiny_model("llama", num_layers=2)
     settings = PruneSettings(

@@ -144,7 +144,7 @@ def test_compute_jobs_ran_with_the_hub_offline(workdir: Path) -> None:
 def test_compute_job_with_a_missing_copy_names_it(tmp_path: Path) -> None:
     """Calibration on the hub's C4 reads resources/datasets/c4; a copy without the train shard
     fails the job with one line naming the file and the fetch rule."""
-    from denoiserotator.experiment import Experiment
+    from denoiserotator.plan.experiment import Experiment
 
     from .test_experiment import load
 

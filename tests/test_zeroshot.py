@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from denoiserotator.assets import build_zeroshot_fixtures
 from denoiserotator.evaluate import zeroshot as zeroshot_module
 from denoiserotator.evaluate.zeroshot import METRICS, TASKS, zeroshot
+from denoiserotator.files.assets import build_zeroshot_fixtures
 from denoiserotator.testing import save_tiny_model, tiny_model, tiny_tokenizer
 
 from .test_data import fake_corpus
@@ -170,8 +170,9 @@ def test_zeroshot_stage_splits_a_model_that_does_not_fit_one_gpu(
     (No GPU here: torch.cuda's queries, load_model and HFLM are stand-ins that record their calls.)"""
     import lm_eval.models.huggingface as hf
 
-    from denoiserotator import costs, export
     from denoiserotator.evaluate import zeroshot as zs
+    from denoiserotator.files import export
+    from denoiserotator.plan import costs
     from denoiserotator.settings import ComputeSettings, ZeroshotSettings
 
     folder = save_tiny_model("llama", tmp_path / "m")
@@ -210,8 +211,9 @@ def test_zeroshot_stage_refuses_too_few_gpus_before_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Claim: when the visible GPUs together are too small, the stage says so before loading."""
-    from denoiserotator import costs, export
     from denoiserotator.evaluate import zeroshot as zs
+    from denoiserotator.files import export
+    from denoiserotator.plan import costs
     from denoiserotator.settings import ComputeSettings, ZeroshotSettings
 
     folder = save_tiny_model("llama", tmp_path / "m")
@@ -227,8 +229,8 @@ def test_zeroshot_stage_refuses_too_few_gpus_before_loading(
 def test_placement_agrees_with_the_gpu_request() -> None:
     """Claim: the GPUs costs.gpus_for_weights requests are enough for the stage's placement and one
     fewer is not (same reserve), for the grid's largest models (70B/72B bf16, 32B fp32)."""
-    from denoiserotator import costs
     from denoiserotator.evaluate.zeroshot import placement
+    from denoiserotator.plan import costs
 
     gpu = int(costs.GPU_MEMORY_GIB * 2**30)
     reserve = costs.EVAL_GPU_RESERVE_GIB * 2**30
@@ -245,7 +247,7 @@ def test_load_model_with_max_memory_dispatches_with_accelerate(tmp_path: Path) -
     """Claim: load_model's max_memory path (device_map="auto") loads a rotated folder strictly, with
     its boundary rotations (here onto the CPU, the one device there is: a split over GPUs needs GPUs)."""
     from denoiserotator.evaluate.perplexity import perplexity
-    from denoiserotator.export import load_model, save_model
+    from denoiserotator.files.export import load_model, save_model
 
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
     save_model(tiny_model("qwen2"), tiny_tokenizer(), tmp_path / "m", boundary=[q, None])

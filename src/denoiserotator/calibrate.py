@@ -3,7 +3,7 @@
     python -m denoiserotator.calibrate --model DIR --source json:resources/corpus/sotu-train.jsonl \
         --nsamples 128 --seqlen 2048 --seed 0 --out results/calib/x.pt
 
-Writes ``x.pt`` (``{"input_ids", "meta"}``, read with ``denoiserotator.data.load_calibration``) and
+Writes ``x.pt`` (``{"input_ids", "meta"}``, read with ``denoiserotator.files.text.load_calibration``) and
 ``x.json`` (the meta, including the sha256 of the ids) next to it. Only the tokenizer is loaded.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from denoiserotator.data import calibration_ids, save_calibration
-from denoiserotator.jsonio import write_json
+from denoiserotator.files.jsonio import write_json
+from denoiserotator.files.text import calibration_ids, save_calibration
 from denoiserotator.settings import CalibrationSettings
 
 

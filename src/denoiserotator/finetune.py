@@ -31,9 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from . import costs, flops, preemption
-from .adapters import LINEAR_NAMES, get_adapter
-from .export import (
+from denoiserotator import preemption
+from denoiserotator.files.export import (
     folder_loaded_bytes,
     load_model,
     measured_sparsity,
@@ -41,9 +40,11 @@ from .export import (
     save_model,
     unwrap_model,
 )
-from .jsonio import write_json
-from .modeling_denoiserotator import get_boundary_rotations
-from .settings import DTYPES, ComputeSettings, FinetuneDataSettings, LoraSettings
+from denoiserotator.files.jsonio import write_json
+from denoiserotator.files.modeling_denoiserotator import get_boundary_rotations
+from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
+from denoiserotator.plan import costs, flops
+from denoiserotator.settings import DTYPES, ComputeSettings, FinetuneDataSettings, LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def lora_finetune(
 def training_ids(
     source: str, tokenizer: PreTrainedTokenizerBase, n_sequences: int, seqlen: int, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(n, seqlen) training windows from a token-id file (.pt) or a denoiserotator.data text source.
+    """(n, seqlen) training windows from a token-id file (.pt) or a denoiserotator.files.text text source.
 
     Text sources (e.g. "wikitext2", "json:/path/train.jsonl") are joined and `n_sequences` random
     windows of `seqlen` tokens are drawn (seeded); a .pt file (a calibration file or a bare tensor)
@@ -322,7 +323,7 @@ def training_ids(
         ids = payload["input_ids"] if isinstance(payload, dict) else payload
         ids = ids[:n_sequences, :seqlen].long()
         return ids, {"source": source, "kind": "token-ids", "shape": list(ids.shape)}
-    from .data import calibration_ids
+    from denoiserotator.files.text import calibration_ids
 
     ids, meta = calibration_ids(tokenizer, source, n_sequences, seqlen, seed, mode="joined", with_meta=True)
     return ids, meta

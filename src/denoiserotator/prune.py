@@ -15,14 +15,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checks import check_settings
-from .data import load_calibration
-from .export import load_model, measured_sparsity, save_model
-from .jsonio import write_json
-from .pipeline import PruneSettings, run_pipeline
-from .preemption import handle_signals
-from .pruners import PRUNERS
-from .settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings
+from denoiserotator.files.export import load_model, measured_sparsity, save_model
+from denoiserotator.files.jsonio import write_json
+from denoiserotator.files.text import load_calibration
+from denoiserotator.method.checks import check_settings
+from denoiserotator.method.pruners import PRUNERS
+from denoiserotator.method.sequential import PruneSettings, run_pipeline
+from denoiserotator.preemption import handle_signals
+from denoiserotator.settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings
 
 log = logging.getLogger(__name__)
 

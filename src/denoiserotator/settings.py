@@ -20,8 +20,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from .adapters import FAMILIES
-from .pruners import PRUNERS
+from denoiserotator.method.adapters import FAMILIES
+from denoiserotator.method.pruners import PRUNERS
 
 __all__ = [
     "CalibrationSettings",
@@ -578,7 +578,7 @@ class ZeroshotSettings(StageSettings):
 
 class ModelShape(Settings):
     """The decoder's shapes, from the model's config.json; the prune step's runtime request is then
-    its counted work (denoiserotator.flops)."""
+    its counted work (denoiserotator.plan.flops)."""
 
     section: ClassVar[str] = "models[].shape"
     hidden: PositiveInt = Field(description="hidden_size")
@@ -590,7 +590,7 @@ class ModelShape(Settings):
 
 
 class StepResources(Settings):
-    """One rule's requests for one model, over what denoiserotator.costs estimates."""
+    """One rule's requests for one model, over what denoiserotator.plan.costs estimates."""
 
     section: ClassVar[str] = "models[].resources.<step>"
     mem_mb: PositiveInt | None = setting(None, "memory, MB")

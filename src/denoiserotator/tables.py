@@ -8,7 +8,7 @@ that produced them) and calls :func:`build_tables`; the same works from the comm
 
 Zero-shot values are fractions (0-1); the paper's percentages are converted to fractions too.
 
-Uncertainty (``denoiserotator.uncertainty``): every zero-shot task has ``<task>_stderr`` (lm-eval's
+Uncertainty (``denoiserotator.evaluate.uncertainty``): every zero-shot task has ``<task>_stderr`` (lm-eval's
 standard error of the paper's metric), the average ``zeroshot_avg_stderr`` = sqrt(Σ se_i²)/k;
 perplexity sets have ``ppl_<set>_nll_stderr`` (standard error of the mean NLL over windows) and
 the interval ``ppl_<set>_low``/``_high`` = exp(nll ∓ se). A rotated row's
@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from .jsonio import write_json as write_json_atomic  # the name the workflow script uses
-from .logs import layer_summary
-from .uncertainty import NOISE_SIGMAS, mean_stderr, within_noise
+from denoiserotator.evaluate.uncertainty import NOISE_SIGMAS, mean_stderr, within_noise
+from denoiserotator.files.jsonio import write_json as write_json_atomic  # the name the workflow script uses
+from denoiserotator.logs import layer_summary
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write_sparsity(model_dir: Path, out: Path) -> dict[str, Any]:
     """Measured sparsity of the seven decoder linears, read back from a saved folder's safetensors
     one tensor at a time (`export.folder_sparsity`: no model is built, so a 70B folder needs the
     memory of one weight matrix)."""
-    from .export import folder_sparsity
+    from denoiserotator.files.export import folder_sparsity
 
     result = {"model": str(model_dir), **folder_sparsity(model_dir)}
     write_json_atomic(out, result)

@@ -20,7 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .adapters import FAMILIES
+from denoiserotator.method.adapters import FAMILIES
 
 __all__ = ["FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model"]
 

@@ -54,7 +54,7 @@ rule zeroshot_fixtures:
 
 
 # C4 shards, WikiText-2 raw, the lm-eval tasks' evaluation splits (hub names in the config are
-# read from these copies: denoiserotator.experiment.Experiment.resolve_source).
+# read from these copies: denoiserotator.plan.experiment.Experiment.resolve_source).
 rule fetch_dataset:
     output:
         directory(f"{RES}/datasets/{{dataset}}"),

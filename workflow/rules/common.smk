@@ -1,14 +1,14 @@
 # Validation, wildcard patterns and the input functions of the rules. The grid, output names and
-# ids live in denoiserotator.experiment, the resource requests in denoiserotator.costs (both
+# ids live in denoiserotator.plan.experiment, the resource requests in denoiserotator.plan.costs (both
 # tested without Snakemake); the rules call the get_* functions below (no lambdas in rules).
 
 import os
 
 from snakemake.utils import validate
 
-from denoiserotator import costs, plan
-from denoiserotator.cluster import Partition, Site
-from denoiserotator.experiment import ROW_RE, VARIANT_RE, Experiment, Row
+from denoiserotator.plan import costs, jobs as plan
+from denoiserotator.plan.cluster import Partition, Site
+from denoiserotator.plan.experiment import ROW_RE, VARIANT_RE, Experiment, Row
 
 validate(config, schema="../schemas/config.schema.yaml")
 EXP = Experiment(config)
@@ -92,7 +92,7 @@ def get_table_manifest(wildcards) -> dict:
     return EXP.manifest()
 
 
-# resources: denoiserotator.costs, per rule step
+# resources: denoiserotator.plan.costs, per rule step
 
 
 def _model_of(wildcards) -> str:

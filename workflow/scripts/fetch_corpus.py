@@ -6,7 +6,7 @@ from denoiserotator.logs import log_to
 
 log_to(snakemake.log[0])  # noqa: F821
 
-from denoiserotator.assets import fetch_corpus  # noqa: E402
+from denoiserotator.files.assets import fetch_corpus  # noqa: E402
 
 folder = fetch_corpus(Path(snakemake.output[0]).parent)  # noqa: F821
 if folder.resolve() != Path(snakemake.output[0]).resolve():  # noqa: F821

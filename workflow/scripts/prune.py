@@ -6,7 +6,7 @@ from denoiserotator.logs import log_to
 
 log_to(snakemake.log[0], snakemake.threads, offline_hub=True)  # noqa: F821  (compute job)
 
-from denoiserotator.pipeline import PruneSettings  # noqa: E402
+from denoiserotator.method.sequential import PruneSettings  # noqa: E402
 from denoiserotator.prune import prune_stage  # noqa: E402
 from denoiserotator.settings import ComputeSettings  # noqa: E402
 

@@ -6,7 +6,7 @@ from denoiserotator.logs import log_to
 
 log_to(snakemake.log[0])  # noqa: F821
 
-from denoiserotator.assets import build_zeroshot_fixtures  # noqa: E402
+from denoiserotator.files.assets import build_zeroshot_fixtures  # noqa: E402
 
 folder = build_zeroshot_fixtures(
     Path(snakemake.input.corpus),  # noqa: F821

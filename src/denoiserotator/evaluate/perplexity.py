@@ -126,8 +126,8 @@ def perplexity_layerwise(
     Returns the same record as `perplexity`.
     Raises ValueError for seqlen < 2 or a stream shorter than one window.
     """
-    from denoiserotator.adapters import get_adapter
-    from denoiserotator.engine import capture_layer_inputs, run_layer
+    from denoiserotator.method.adapters import get_adapter
+    from denoiserotator.method.engine import capture_layer_inputs, run_layer
 
     windows = _windows(token_ids, seqlen, max_windows)
     model = model.to("cpu")
@@ -167,9 +167,9 @@ def perplexity_stage(
     """Perplexity of the model folder `model_dir` on one set, loaded in `compute.dtype` on
     `compute`'s device, whole or layer by layer (`compute.resolved_eval_mode`); writes the result
     JSON `out` (with the mode used) and returns it."""
-    from denoiserotator.data import perplexity_ids
-    from denoiserotator.export import load_model
-    from denoiserotator.jsonio import write_json
+    from denoiserotator.files.export import load_model
+    from denoiserotator.files.jsonio import write_json
+    from denoiserotator.files.text import perplexity_ids
 
     device = compute.resolved_device()
     mode = compute.resolved_eval_mode(device)

@@ -1,13 +1,13 @@
 """Zero-shot accuracy with lm-eval (0-shot), on the hub tasks or on local substitute fixtures.
 
 The paper reports acc_norm for PIQA, HellaSwag, ARC-e and ARC-c, acc for WinoGrande, and the
-unweighted mean of the five. With ``task_dir`` (made by ``denoiserotator.assets
+unweighted mean of the five. With ``task_dir`` (made by ``denoiserotator.files.assets
 build_zeroshot_fixtures``) the tasks ``local_<task>`` are run instead: lm-eval's own prompts and
 metrics over local items built from held-out text. Those numbers are substitutes, labelled so.
 
 Each task carries lm-eval's standard error of its metric (``<metric>_stderr``: the per-item
 scores' sample standard deviation over sqrt(n)); the average carries sqrt(Σ se_i²)/k
-(``denoiserotator.uncertainty.mean_stderr``: the tasks' items are disjoint, so independent).
+(``denoiserotator.evaluate.uncertainty.mean_stderr``: the tasks' items are disjoint, so independent).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from denoiserotator.assets import COMPLETE_MARKER, HUB_TASKS_KIND, LOCAL_TASK_PREFIX
-from denoiserotator.data import FETCH_RULE, MissingAssetError, hub_offline, missing
-from denoiserotator.jsonio import write_json
+from denoiserotator.evaluate.uncertainty import mean_stderr
+from denoiserotator.files.assets import COMPLETE_MARKER, HUB_TASKS_KIND, LOCAL_TASK_PREFIX
+from denoiserotator.files.jsonio import write_json
+from denoiserotator.files.text import FETCH_RULE, MissingAssetError, hub_offline, missing
 from denoiserotator.settings import DTYPES, ComputeSettings, ZeroshotSettings
 from denoiserotator.settings import ZEROSHOT_TASKS as TASKS
-from denoiserotator.uncertainty import mean_stderr
 
 METRICS: dict[str, str] = {
     "piqa": "acc_norm",
@@ -182,7 +182,7 @@ def _check_includes(task_dir: Path, names: list[str]) -> None:
         if stale:
             raise FileNotFoundError(
                 f"{task_dir / name}.yaml points at missing {stale}; rebuild them with "
-                "`python -m denoiserotator.assets zeroshot-fixtures` on this machine"
+                "`python -m denoiserotator.files.assets zeroshot-fixtures` on this machine"
             )
 
 
@@ -208,7 +208,8 @@ def zeroshot_stage(
     lm-eval's HFLM as a loaded model, so the strict loading and the package's Rotated* classes
     apply as on one device. RuntimeError when the visible GPUs are too small together.
     """
-    from denoiserotator import costs, export
+    from denoiserotator.files import export
+    from denoiserotator.plan import costs
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Zero-shot accuracy with lm-eval (0-shot).")
     parser.add_argument("--model", type=Path, required=True, help="model folder (HF format)")
     parser.add_argument("--task-dir", type=Path, default=None,
-                        help="local fixtures from `python -m denoiserotator.assets zeroshot-fixtures` "
+                        help="local fixtures from `python -m denoiserotator.files.assets zeroshot-fixtures` "
                              "(default: the hub tasks)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     ZeroshotSettings.add_arguments(parser, only=("tasks", "limit", "batch_size"))

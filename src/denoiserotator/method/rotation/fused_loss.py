@@ -1,0 +1,160 @@
+"""The entropy loss computed fused: one stacked product per input group, with hand-written backward passes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from denoiserotator.method.rotation.fuse import expand_kv_blocks
+from denoiserotator.method.rotation.loss import (
+    InputStatistic,
+    squared_entropy,
+)
+from denoiserotator.method.rotation.problem import LayerProblem
+
+
+class FusedLayerLoss:
+    """The same function as `layer_loss` (paper variant), with the work arranged for speed.
+
+    - the five input-side weights (q, k, v, gate, up) are stacked into one matrix, so W·Q is a
+      single matmul (`_StackedProduct`);
+    - the attn/mlp column factors diag(Qᵀ M Q) take M·Q outside the graph (`_QuadraticDiagonal`);
+    - R2 acts per head (batched 64×64 products), never as a dense block-diagonal matrix;
+    - o and down share one Qᵀ· matmul; down's column factor is left out, as it cancels in its
+      column groups (`loss_statistic_inputs`); the o column factor only needs the per-head
+      diagonal blocks of H_o (or of H_λ⁻¹), computed once;
+    - the SparseGPT inverse is factored once (`InputStatistic.from_gram`).
+    """
+
+    def __init__(self, problem: LayerProblem, dtype: torch.dtype = torch.float32) -> None:
+        w = {name: weight.to(dtype) for name, weight in problem.weights.items()}
+        self.num_heads, self.num_kv_heads = problem.num_heads, problem.num_kv_heads
+        self.head_dim = problem.head_dim
+        # Row blocks sharing a column factor are adjacent, so they are views of one product.
+        self.stacked = torch.cat([w["q"], w["k"], w["gate"], w["up"], w["v"]])
+        self.sizes = [
+            w["q"].shape[0] + w["k"].shape[0],
+            w["gate"].shape[0] + w["up"].shape[0],
+            w["v"].shape[0],
+        ]
+        # The attn/mlp column factors need diag(Qᵀ M Q) for a symmetric M (H for Wanda, H_λ⁻¹
+        # for SparseGPT). Its gradient 2·(M Q)·diag(g) is elementwise in the product M Q, so M Q
+        # is computed outside the graph and M never enters a backward matmul.
+        self.quadratic_statistics = {
+            key: problem.inputs[key] for key in ("attn", "mlp") if problem.inputs[key].matrix is not None
+        }
+        quadratics = [_symmetric_matrix(statistic, dtype) for statistic in self.quadratic_statistics.values()]
+        self.quadratic = torch.cat(quadratics) if quadratics else None
+        heads, hd = self.num_heads, self.head_dim
+        self.o_stat = o_stat = problem.inputs["o"]
+        if o_stat.matrix is None:
+            self.o_blocks = None
+        else:
+            matrix = o_stat.matrix.to(dtype)
+            if o_stat.score == "wanda":  # diagonal blocks H[h, h]
+                self.o_blocks = torch.stack(
+                    [matrix[h * hd : (h + 1) * hd, h * hd : (h + 1) * hd] for h in range(heads)]
+                )
+            else:  # diagonal blocks of UᵀU = H_λ⁻¹
+                columns = matrix.view(matrix.shape[0], heads, hd).transpose(0, 1)
+                self.o_blocks = columns.transpose(-1, -2) @ columns
+        self.o_width = w["o"].shape[1]
+        self.right = torch.cat([w["o"], w["down"]], dim=1)  # Qᵀ [W_o | W_down]
+
+    def __call__(self, rotation: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        z_qk, z_gate_up, z_v = _StackedProduct.apply(rotation, self.stacked, self.sizes)
+        factors: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
+        if self.quadratic is not None:
+            with torch.no_grad():
+                products = torch.split(self.quadratic @ rotation.detach(), rotation.shape[0])
+            for (key, statistic), product in zip(self.quadratic_statistics.items(), products, strict=True):
+                factors[key] = statistic.factor_from_diagonal(_QuadraticDiagonal.apply(rotation, product))
+        f_attn, f_mlp = factors["attn"], factors["mlp"]
+
+        # v: R2vᵀ (W_v Q), one hd×hd block per KV head
+        v = (blocks.transpose(-1, -2) @ z_v.view(kv, hd, -1)).reshape(kv * hd, -1)
+        # o: (Qᵀ W_o) R2o, one block per query head (repeat_kv order); down: Qᵀ W_down
+        left = rotation.T @ self.right
+        hidden = left.shape[0]
+        expanded = expand_kv_blocks(blocks, heads)
+        o_left = left[:, : self.o_width].reshape(hidden, heads, hd).transpose(0, 1)
+        o = (o_left @ expanded).transpose(0, 1).reshape(hidden, heads * hd)
+        f_o = None
+        if self.o_blocks is not None:
+            diagonal = (expanded * (self.o_blocks @ expanded)).sum(dim=1).reshape(-1)
+            f_o = self.o_stat.factor_from_diagonal(diagonal)
+
+        loss = squared_entropy(z_qk, f_attn, rows=True, columns=False)
+        loss = loss + squared_entropy(z_gate_up, f_mlp, rows=True, columns=False)
+        loss = loss + squared_entropy(v, f_attn, rows=True, columns=True)
+        loss = loss + squared_entropy(o, f_o, rows=True, columns=True)
+        loss = loss + squared_entropy(left[:, self.o_width :], None, rows=False, columns=True)
+        return loss
+
+
+def _symmetric_matrix(statistic: InputStatistic, dtype: torch.dtype) -> torch.Tensor:
+    """M with diag(Qᵀ M Q) the statistic's rotated diagonal: H (Wanda) or UᵀU = H_λ⁻¹ (SparseGPT)."""
+    assert statistic.matrix is not None
+    if statistic.score == "wanda":
+        return statistic.matrix.to(dtype)
+    upper = statistic.matrix.to(torch.float64)
+    return (upper.T @ upper).to(dtype)
+
+
+class _StackedProduct(torch.autograd.Function):
+    """The row blocks of `stacked @ rotation` (sizes `sizes`), as views of one matmul; the
+    backward accumulates Σ_k W_kᵀ dZ_k into one buffer instead of concatenating the dZ_k."""
+
+    @staticmethod
+    def forward(ctx, rotation, stacked, sizes):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(stacked)
+        ctx.sizes = sizes
+        return tuple(torch.split(stacked @ rotation, sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        (stacked,) = ctx.saved_tensors
+        grad_rotation = None
+        for block, grad in zip(torch.split(stacked, ctx.sizes), grads, strict=True):
+            if grad is None:
+                continue
+            if grad_rotation is None:
+                grad_rotation = block.T @ grad
+            else:
+                grad_rotation.addmm_(block.T, grad)
+        return grad_rotation, None, None
+
+
+class _QuadraticDiagonal(torch.autograd.Function):
+    """diag(Qᵀ M Q) = Σ_rows Q ⊙ (M Q) from Q and the product P = M Q (M symmetric, constant);
+    the gradient w.r.t. Q is 2·P·diag(g), no matmul."""
+
+    @staticmethod
+    def forward(ctx, rotation, product):  # type: ignore[override]
+        ctx.save_for_backward(product)
+        return (rotation * product).sum(dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (product,) = ctx.saved_tensors
+        return product * (2.0 * grad_output)[None, :], None
+
+
+@contextlib.contextmanager
+def loss_matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """float32 matmuls at `precision` (torch.set_float32_matmul_precision) inside the block on a
+    CUDA device; restored afterwards. A CPU keeps "highest": there "high" may mean bf16 passes
+    (oneDNN), and the CPU path is the reproducible fp32 reference."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -1,0 +1,3 @@
+from denoiserotator.plan.jobs import main
+
+main()
