@@ -207,7 +207,7 @@ def _tf32_loss_error(problem: Any, device: str) -> dict[str, Any] | None:
 def workflow(args: argparse.Namespace) -> dict[str, Any]:
     reason = cuda_ok(args.device)
     if reason:
-        return skipped(f"{reason}: the CPU workflow is tests/test_workflow.py")
+        return skipped(f"{reason}: the CPU workflow is tests/workflow/test_workflow.py")
     with tempfile.TemporaryDirectory(prefix="gpu-check-workflow-") as tmp:
         work = Path(tmp)
         for name in WORKFLOW_FILES:

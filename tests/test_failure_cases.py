@@ -15,8 +15,7 @@ from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import PruningSettings, RotationSettings
 from denoiserotator.testing import tiny_model
-
-from .test_rotation import apply_boundary_hooks
+from tests.method.test_rotation_fuse import apply_boundary_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 

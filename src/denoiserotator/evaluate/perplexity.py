@@ -4,7 +4,7 @@ The stream is cut into ``len // seqlen`` windows (the remainder is dropped); eve
 on its own, and PPL = exp(mean NLL over all predicted tokens, i.e. seqlen - 1 per window). The
 sequence length is always explicit, never taken from ``max_position_embeddings``.
 
-Two ways to run the model give the same numbers (tests/test_perplexity.py): ``whole`` (the model on
+Two ways to run the model give the same numbers (tests/stages/test_perplexity.py): ``whole`` (the model on
 the device, one forward per batch) and ``layerwise`` (`perplexity_layerwise`: the engine's capture of
 what the first decoder layer receives, then one decoder layer at a time on the device while the
 rest stays on the host, then final norm, lm_head and the NLL), as the original SparseGPT evaluation

@@ -285,7 +285,7 @@ def body_frame_step(
 def loss_statistic_linears(variant: str = "paper") -> list[str]:
     """The linears whose input Grams the rotation loss needs: `rotation.train.loss_statistic_inputs`
     (q, o, gate; and down in the reference variant), mirrored here to keep this module torch-free
-    (`tests/test_flops.py` checks they agree)."""
+    (`tests/plan/test_flops.py` checks they agree)."""
     return ["q", "o", "gate"] + (["down"] if variant == "reference" else [])
 
 
@@ -510,7 +510,7 @@ def zeroshot_forward(params: float, tokens: int, precision: str = "bf16") -> Wor
 # What autograd keeps per token for backward in LoRA training (peft, all seven linears, dropout,
 # SDPA attention), parameters excluded, in values of the compute dtype: measured with
 # torch.autograd.graph.saved_tensors_hooks on tiny Llama configs and fitted (bench/lora_memory.py;
-# tests/test_finetune.py re-measures an unseen shape). Per decoder layer 17.8 values per hidden
+# tests/stages/test_finetune.py re-measures an unseen shape). Per decoder layer 17.8 values per hidden
 # unit and 5.0 per intermediate unit; with gradient checkpointing only the layer's input (1 value
 # per hidden unit); the logits: 1 fp32 value per vocabulary entry.
 LORA_SAVED_PER_HIDDEN = 17.8

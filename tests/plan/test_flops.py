@@ -28,9 +28,9 @@ from denoiserotator.method.statistics import input_statistics
 from denoiserotator.plan import costs, flops
 from denoiserotator.plan.experiment import Experiment
 from denoiserotator.testing import tiny_model
-from tests.test_experiment import load
+from tests.conftest import ROOT
+from tests.plan.test_experiment import load
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = flops.LayerShape(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=48, layers=1)
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 CONFIG = "config/test.yaml"
 TARGETS: list[str] = ["results/tables/main.csv"]
 ACCOUNT = os.environ.get("SLURM_ACCOUNT", "pruning")
@@ -399,7 +400,7 @@ def _profile(**env: str) -> dict:
 def test_gpu_rules_declare_count_model_and_gres_together() -> None:
     """Runs in `make test`: every rule with a gpu count also declares gpu_model and gres from the
     same request (costs.gpu_request), and the profile sets no GPU resource of its own (a
-    profile-wide gpu_model gave 0-GPU jobs `--gpus=a100:0`; tests/test_sbatch_flags.py)."""
+    profile-wide gpu_model gave 0-GPU jobs `--gpus=a100:0`; tests/workflow/test_sbatch.py)."""
     gpu_rules = set()
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         for block in re.split(r"^(?=rule |localrule )", smk.read_text(), flags=re.M):

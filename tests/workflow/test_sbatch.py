@@ -34,7 +34,8 @@ pytest.importorskip("snakemake_executor_plugin_slurm")
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command  # noqa: E402
 from snakemake_executor_plugin_slurm.utils import set_gres_string  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 GPU_RULES = {"prune", "finetune", "perplexity", "zeroshot"}
 
 

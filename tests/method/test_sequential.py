@@ -12,8 +12,7 @@ from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.method.statistics import input_statistics
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import FAMILIES, tiny_model
-
-from .test_rotation import apply_boundary_hooks
+from tests.method.test_rotation_fuse import apply_boundary_hooks
 
 # A checkpoint after every layer (the default is every 8 layers or 30 minutes).
 EVERY_LAYER = ComputeSettings(checkpoint_every_layers=1, checkpoint_every_minutes=0)

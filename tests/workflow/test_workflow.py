@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import ROOT
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles/default", "envs")
 RUN_TIMEOUT_S = 1500
 
@@ -145,8 +146,7 @@ def test_compute_job_with_a_missing_copy_names_it(tmp_path: Path) -> None:
     """Calibration on the hub's C4 reads resources/datasets/c4; a copy without the train shard
     fails the job with one line naming the file and the fetch rule."""
     from denoiserotator.plan.experiment import Experiment
-
-    from .test_experiment import load
+    from tests.plan.test_experiment import load
 
     dest = _copy_workflow(tmp_path)
     overlay = _overlay(dest, "c4.yaml", {"calibration": {"source": "c4"}})

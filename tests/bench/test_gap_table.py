@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gap_table.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gap_table.py"
 
 
 def _gap_table():

@@ -342,7 +342,7 @@ def test_prune_weight_errors():
         prune_weight("sparsegpt", w, torch.eye(6), parse_pattern("50%"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("pruner", PRUNERS)
 @pytest.mark.parametrize("pattern_text", ["50%", "2:4"])
 def test_cuda_matches_cpu(pruner, pattern_text):

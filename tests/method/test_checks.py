@@ -24,7 +24,6 @@ from denoiserotator.prune import prune_stage
 from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings, SettingsError
 from denoiserotator.testing import tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 PLANTED = (1, 5)  # (sample, token) of the calibration token whose embedding row holds an inf
 
 

@@ -16,10 +16,10 @@ from denoiserotator.plan import costs
 from denoiserotator.plan import jobs as plan
 from denoiserotator.plan.cluster import Partition, Site, SiteError
 from denoiserotator.plan.experiment import Row
-from tests.test_experiment import load
-from tests.test_sbatch_flags import planned_jobs, sbatch_line
+from tests.conftest import ROOT
+from tests.plan.test_experiment import load
+from tests.workflow.test_sbatch import planned_jobs, sbatch_line
 
-ROOT = Path(__file__).resolve().parents[1]
 SITE_48H = ROOT / "config" / "sites" / "a100-48h.yaml"  # 48 h, 1 TB nodes, 8 × A100-80G, CPU partition
 SMALL_SITE = """\
 partitions:

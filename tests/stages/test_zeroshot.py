@@ -13,8 +13,7 @@ from denoiserotator.evaluate import zeroshot as zeroshot_module
 from denoiserotator.evaluate.zeroshot import METRICS, TASKS, zeroshot
 from denoiserotator.files.assets import build_zeroshot_fixtures
 from denoiserotator.testing import save_tiny_model, tiny_model, tiny_tokenizer
-
-from .test_data import fake_corpus
+from tests.files.test_text import fake_corpus
 
 LIMIT = 4
 

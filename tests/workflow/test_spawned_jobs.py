@@ -25,7 +25,8 @@ from denoiserotator.plan import costs
 pytest.importorskip("snakemake_executor_plugin_slurm")
 pytest.importorskip("snakemake_executor_plugin_slurm_jobstep")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 FAKE_SBATCH = """#!/bin/sh
 printf '%s\\n' "$@" > "$CAPTURE_DIR/sbatch.args"
 echo 4242

@@ -236,7 +236,7 @@ def test_lora_rows_that_no_gpu_holds_are_refused_at_planning() -> None:
     from denoiserotator.plan import costs
     from denoiserotator.plan.cluster import Partition, Site
     from denoiserotator.plan.experiment import Experiment
-    from tests.test_experiment import load
+    from tests.plan.test_experiment import load
 
     exp, site = Experiment(load("config.yaml")), Site((Partition("gpu", None, None, 8),), "test")
     for model in ("qwen2.5-32b", "llama3-70b", "qwen2.5-72b"):
