@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # test-slurm.sh - `make test-slurm`: run the tiny workflow through the SLURM executor on a
-# single-node SLURM cluster on localhost and check what SLURM saw (tests/test_slurm.py).
+# single-node SLURM cluster on localhost and check what SLURM saw (tests/workflow/test_slurm.py).
 #
 # Starts the cluster itself (installing the Debian packages on a fresh machine, so CI needs
 # root or passwordless sudo), and stops it again at the end unless it was already running
@@ -55,8 +55,8 @@ trap 'exit 130' INT TERM
 SLURM_USER_FOR_ACCOUNTS=$(id -un) $SUDO bash "$HERE/start-local-slurm.sh"
 
 cd "$ROOT"
-log "running tests/test_slurm.py (timeout ${TIMEOUT}s)"
+log "running tests/workflow/test_slurm.py (timeout ${TIMEOUT}s)"
 # REQUIRE_SLURM turns "no cluster" skips into failures: here the cluster must be there.
 # shellcheck disable=SC2086
 DENOISEROTATOR_REQUIRE_SLURM=1 timeout -k 30 "$TIMEOUT" \
-    "$PYTHON" -m pytest -m slurm tests/test_slurm.py -v -p no:cacheprovider ${PYTEST_ARGS:-}
+    "$PYTHON" -m pytest -m slurm tests/workflow/test_slurm.py -v -p no:cacheprovider ${PYTEST_ARGS:-}
