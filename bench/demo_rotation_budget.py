@@ -9,7 +9,7 @@ configured steps and at other step counts along its trace), the paper recipe's b
 steps, and their ratio; and the mean ratio over the sampled layers (< 1: the demo's budget
 reaches the paper's 400-step loss on average). Loss values only: not a timed benchmark.
 
-    PYTHONPATH=src .venv/bin/python bench/demo_rotation_budget.py --cache /work/cache \\
+    .venv/bin/python -m bench.demo_rotation_budget --cache /work/cache \\
         --pruner wanda --out bench/results/demo_rotation_budget_wanda.json
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from bench.common import study_parser  # noqa: E402
 from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
 from denoiserotator.files.export import load_model
 from denoiserotator.files.text import calibration_ids
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
     parser.add_argument("--config", type=Path, default=REPO / "config" / "demo.yaml")
     parser.add_argument("--pruner", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))
@@ -128,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper-steps", type=int, default=400)
     parser.add_argument("--report-steps", type=int, nargs="*", default=[40, 60, 80, 100, 120, 150],
                         help="other step budgets read off the same trace")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = run(args)
     text = json.dumps(report, indent=2)

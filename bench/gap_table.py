@@ -10,7 +10,7 @@ Prints JSON (per seed and mean ± sample standard deviation) and, with `--markdo
 table. Two modes are compared seed by seed (`--compare A B`: mean and spread of the per-seed
 difference of their shares), so a difference is told apart from the spread between seeds.
 
-    python bench/gap_table.py bench/results/equal_settings_*.json --markdown \
+    .venv/bin/python -m bench.gap_table bench/results/equal_settings_*.json --markdown \
         --compare rotate:100 rotate-ref:100:paper --modes rotate:100 rotate-ref:100:paper
 """
 

@@ -1,7 +1,7 @@
 """One real-shaped decoder layer through rotate + prune on this CPU: measured peak memory beside
 what the cost model assumes for that layer. JSON out; not a timed test.
 
-    .venv/bin/python bench/layer_memory.py --shapes 8b --out bench/results/layer_memory.json
+    .venv/bin/python -m bench.layer_memory --shapes 8b --out bench/results/layer_memory.json
 
 For each shape (LLaMA-3-8B: hidden 4096, 32/8 heads, intermediate 14336; LLaMA-3-70B: 8192, 64/8,
 28672), a one-layer Llama with random weights held in bf16 on the host runs `run_pipeline`
@@ -23,8 +23,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from bench.common import study_parser, write_report  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "8b": {"hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336},
@@ -93,22 +94,18 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["8b", "70b"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--nsamples", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=sorted(SHAPES), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
         return
     report = {name: run_shape(name, args) for name in args.shapes}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What LoRA training keeps for backward, per token: the measurement behind the LoRA GPU-memory
 model (`flops.lora_saved_bytes`, `costs.finetune_gpu_bytes`). JSON out; not a timed test.
 
-    .venv/bin/python bench/lora_memory.py --out bench/results/lora_memory.json
+    .venv/bin/python -m bench.lora_memory --out bench/results/lora_memory.json
 
 For tiny Llama configs of several widths, depths and vocabularies (fp32, SDPA attention, peft
 adapters on all seven linears with dropout, training mode), the bytes of the tensors autograd
@@ -13,13 +13,10 @@ in bytes and in fp32 values. The constants in `flops` round these.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from bench.common import study_parser, write_report  # noqa: E402
 from denoiserotator.testing import lora_saved_bytes, sized_llama
 
 # (hidden, intermediate, heads, layers, vocab, seqlen)
@@ -38,8 +35,7 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser = study_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     rows = np.array([[n * d, n * f, n * h * s, v, d, 1] for d, f, h, n, v, s in SHAPES], dtype=float)
     report: dict = {"shapes": SHAPES, "features": FEATURES}
@@ -55,10 +51,7 @@ def main() -> None:
             ),
             "max_relative_residual": float(np.abs(fitted - per_token).max() / per_token.min()),
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ Pruners: `magnitude` (one threshold per matrix, as the package and the reference
 
 Quick study (10–30 minutes on one core, depending on the machine's load):
 
-    PYTHONPATH=src python bench/magnitude_study.py --layers 6 --steps 100 \
+    .venv/bin/python -m bench.magnitude_study --layers 6 --steps 100 \
         --pruners magnitude magnitude-row --patterns 50% \
         --modes plain fold rotate:100 --out bench/results/magnitude_study.json
 
@@ -44,7 +44,7 @@ SparseGPT at 50 % and 2:4, whole model, perplexity on 64 × 512 held-out tokens;
 run, run times in the README and in each run's `seconds`; `bench/gap_table.py` turns the JSON
 into the table):
 
-    PYTHONPATH=src python bench/magnitude_study.py --layers 0 --nsamples 32 --seqlen 512 \
+    .venv/bin/python -m bench.magnitude_study --layers 0 --nsamples 32 --seqlen 512 \
         --eval-windows 64 --skip-local-err --seeds 0 1 2 --pruners wanda sparsegpt \
         --patterns 50% 2:4 --modes plain rotate:100 rotate-ref:100:paper \
         --out bench/results/equal_settings.json

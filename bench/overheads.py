@@ -1,7 +1,7 @@
 """What DenoiseRotator costs besides training: host memory of a whole rotate+prune run, and the
 forward time of the exported model. Side by side in one run, JSON out; not a timed test.
 
-    .venv/bin/python bench/overheads.py --cache resources --out bench/results/overheads.json
+    .venv/bin/python -m bench.overheads --cache resources --out bench/results/overheads.json
 
 1. Peak resident memory (ru_maxrss) of a full SmolLM2-135M rotate+prune (Wanda 2:4, a few
    rotation steps: memory does not depend on the step count), each in a fresh subprocess,
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.common import study_parser, write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,14 +110,13 @@ def forward_times(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=("none", "denoise"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -126,11 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory": peak_memory(args),
         "forward": forward_times(args),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

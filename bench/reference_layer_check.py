@@ -19,13 +19,12 @@ pruned with (`layer_loss`), and by what pruning does with the rotation: the rela
 error sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)) of each fused linear pruned 50% with that score on its
 rotated Gram (the layer's own inputs; true-sequential re-collection is left out here).
 
-    PYTHONPATH=src python bench/reference_layer_check.py --reference-code /path/to/DenoiseRotator \\
+    .venv/bin/python -m bench.reference_layer_check --reference-code /path/to/DenoiseRotator \\
         --layers 3 10 20 --out bench/results/reference_layer_check.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,11 +38,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
 
-from magnitude_study import _relative_error as relative_output_error  # noqa: E402
-from rotation_speed import real_layer_data  # noqa: E402
-
+from bench.common import study_parser  # noqa: E402
+from bench.magnitude_study import _relative_error as relative_output_error  # noqa: E402
+from bench.rotation_speed import real_layer_data  # noqa: E402
 from denoiserotator.method.pruners import parse_pattern, prune_weight  # noqa: E402
 from denoiserotator.method.rotation.fuse import block_diag, expand_kv_blocks  # noqa: E402
 from denoiserotator.method.rotation.problem import LayerProblem, layer_loss  # noqa: E402
@@ -157,7 +155,7 @@ def check_layer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = study_parser(__doc__.split("\n")[0])
     parser.add_argument(
         "--reference-code", type=Path, required=True, help="checkout of the reference repository"
     )
@@ -167,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(args.reference_code))

@@ -5,7 +5,7 @@ SmolLM2-135M (from its PyPI package), calibrated on the train part of the substi
 and 2:4, each with and without rotation, reports perplexities and their ratio
 (rotation / plain < 1 means rotation helped). Not a timed test: seconds are informative.
 
-    .venv/bin/python bench/rotation_gain.py --steps 100 --out bench/results/rotation_gain.json
+    .venv/bin/python -m bench.rotation_gain --steps 100 --out bench/results/rotation_gain.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bench.common import study_parser, write_report  # noqa: E402
 from denoiserotator.evaluate.perplexity import perplexity
 from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
 from denoiserotator.files.export import load_model, measured_sparsity
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
     RotationSettings.add_arguments(parser)
     parser.set_defaults(steps=100)  # the bench's budget; the paper's 2000 is the settings' default
@@ -98,14 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--pruners", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--patterns", nargs="+", default=["50%", "2:4"])
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ the time each first reaches it, speedup_to_equal_loss = time(a)/time(b), and (b)
 loss within (a)'s wall time. `--synthetic-llama8b` replaces
 the real layer by a random LLaMA-3-8B-shaped one (meant for `--device cuda`).
 
-    PYTHONPATH=src .venv/bin/python bench/rotation_speed.py --cache /work/cache \\
+    .venv/bin/python -m bench.rotation_speed --cache /work/cache \\
         --out bench/results/rotation_speed.json
 
 bench/results/rotation_speed.json is the output of the command above, both scores in one
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.common import study_parser  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--nsamples", type=int, default=32)
@@ -291,7 +293,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--synthetic-llama8b", action="store_true",
                         help="a random LLaMA-3-8B-shaped layer instead of the real SmolLM2 one")
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--update", action="store_true",
                         help="merge the scores run now into an existing --out file")
     args = parser.parse_args(argv)
