@@ -7,9 +7,9 @@ time per attempt, the resuming attempts, and the GPU-hours asked; then every job
 of the site holds, with the reason. The requests are the ones the rules make (`costs.job_request`,
 the function `workflow/rules/common.smk` calls), and the jobs are the grid's own
 (`Experiment.rows`); `tests/plan/test_site_and_plan.py` checks both against `snakemake -n`. Exit
-status 1 when a job does not fit. `--site` is the SLURM plugin's partition file (`denoiserotator.plan.cluster`);
-without it, the site of the environment (SNAKEMAKE_SLURM_PARTITIONS or the DENOISEROTATOR_MAX_*
-variables).
+status 1 when a job does not fit. `--site` is the SLURM plugin's partition file
+(`denoiserotator.plan.cluster`); without it, the site of the environment
+(SNAKEMAKE_SLURM_PARTITIONS or the DENOISEROTATOR_MAX_* variables).
 """
 
 from __future__ import annotations
