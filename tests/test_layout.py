@@ -45,3 +45,9 @@ def test_every_stage_cli_answers_help(stage: str) -> None:
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_the_rules_stay_thin() -> None:
+    """The grid, ids and requests live in the package: the rules' shared file stays short."""
+    common = PACKAGE.parents[1] / "workflow/rules/common.smk"
+    assert len(common.read_text().splitlines()) < 150

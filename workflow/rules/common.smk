@@ -1,6 +1,5 @@
-# Validation, wildcard patterns and the input functions of the rules. The grid, output names and
-# ids live in denoiserotator.plan.experiment, the resource requests in denoiserotator.plan.costs (both
-# tested without Snakemake); the rules call the get_* functions below (no lambdas in rules).
+# Validation and the rules' input functions (get_*; no lambdas in rules). The grid, names and ids live in
+# denoiserotator.plan.experiment, the requests in denoiserotator.plan.costs (tested without Snakemake).
 
 import os
 
@@ -21,8 +20,7 @@ def get_final_targets() -> list:
 
 
 def get_fetch_params(wildcards) -> dict:
-    entry = EXP.models[wildcards.model]
-    return {"source": entry.source, "num_layers": entry.num_layers}
+    return EXP.models[wildcards.model].model_dump(include={"source", "num_layers"})
 
 
 def get_calib_inputs(wildcards) -> dict:
@@ -93,8 +91,6 @@ def get_table_manifest(wildcards) -> dict:
 
 
 # resources: denoiserotator.plan.costs, per rule step
-
-
 def _model_of(wildcards) -> str:
     return wildcards.model if hasattr(wildcards, "model") else wildcards.row.split("/", 1)[0]
 
@@ -111,9 +107,8 @@ def _rotated(wildcards) -> bool:
 
 
 def _site():
-    # SNAKEMAKE_SLURM_PARTITIONS (read by the plugin too), else the older variables. A file given
-    # only as --slurm-partition-config is not seen by `snakemake -n` (another executor), so the
-    # plan would differ from the run: refused.
+    # SNAKEMAKE_SLURM_PARTITIONS (the plugin reads it too), else the older variables; a file given only
+    # as --slurm-partition-config is not seen by `snakemake -n` (another executor): refused.
     config_file = getattr(getattr(workflow, "executor_settings", None), "partition_config", None)
     site = Site.from_environment()
     if config_file and site.source != str(config_file):
@@ -137,8 +132,7 @@ def _request(step: str, wildcards, attempt: int) -> dict:
     if workflow.is_main_process:  # planning: refuse what fits no partition, retries included
         retries = PRUNE_RETRIES if step == "prune" and attempt == 1 else None
         return costs.job_request(*args, retries=retries).resources(os.environ)
-    # a spawned job re-evaluates its resources with `--retries 0 --attempt 1`, where a check could
-    # only kill a job that the plan already allowed
+    # a spawned job re-evaluates them with `--retries 0 --attempt 1`: no check (the plan allowed it)
     try:
         return costs.job_request(*args).resources(os.environ)
     except costs.ResourceLimitError:
