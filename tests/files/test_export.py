@@ -264,11 +264,12 @@ dataset_kwargs:
 """
 
 
-def test_lm_eval_command_line_evaluates_a_rotated_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_eval_command_line_evaluates_a_rotated_folder(family: str, tmp_path: Path) -> None:
     import lm_eval.tasks
 
-    original = tiny_model("llama", num_layers=3)
-    model, boundary, _ = rotated_equivalent("llama")
+    original = tiny_model(family, num_layers=3)
+    model, boundary, _ = rotated_equivalent(family)
     folder = tmp_path / "rotated"
     save_model(model, tiny_tokenizer(), folder, boundary=boundary)
 
@@ -487,3 +488,45 @@ def test_a_device_map_that_would_offload_is_refused_before_loading(tmp_path: Pat
     assert not any(".self_attn" in name or ".mlp" in name for name in fits)  # layers are not split
     with pytest.raises(RuntimeError, match=r"would not fit the 2 device\(s\) and go to \['(cpu|disk)'"):
         gpu_device_map(tmp_path / "m", torch.bfloat16, {0: need // 4, 1: need // 4})
+
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def test_llama31_rope_scaling_survives_rotation_and_export_beyond_the_original_context(
+    tmp_path: Path,
+) -> None:
+    """LLaMA-3.1/3.2/3.3 (`rope_type: llama3`): a rotation-only run, exported and reloaded by stock
+    transformers, equals the dense model at positions past `original_max_position_embeddings`,
+    and the scaling really acts there (the same weights with plain RoPE differ)."""
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
+    from denoiserotator.settings import RotationSettings
+
+    def llama31(rope: dict) -> torch.nn.Module:
+        return tiny_model("llama", num_layers=2, max_position_embeddings=256, rope_parameters=dict(rope))
+
+    dense = llama31(LLAMA31_ROPE)
+    long_ids = torch.randint(3, 384, (1, 160), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = dense(long_ids).logits
+        plain_rope = llama31({"rope_type": "default", "rope_theta": 5e5})(long_ids).logits
+    assert (plain_rope[0, 40:] - expected[0, 40:]).abs().max() > 1e-2
+
+    calibration_ids = torch.randint(3, 384, (4, 48), generator=torch.Generator().manual_seed(12))
+    rotation = RotationSettings(steps=10, loss_score="wanda")
+    settings = PruneSettings(pruner="none", pattern=None, rotation=rotation)
+    result = run_pipeline(llama31(LLAMA31_ROPE), calibration_ids, settings, progress=False)
+    folder = tmp_path / "llama31-rotated"
+    save_model(result.model, tiny_tokenizer(), folder, boundary=result.boundary)
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    stock = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        actual = stock.eval()(long_ids).logits
+    assert (actual[0, 32:] - expected[0, 32:]).abs().max() <= 1e-4 * expected.abs().max()

@@ -22,8 +22,8 @@ from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.settings import ComputeSettings, RotationSettings
 from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
 
-# Realistic RoPE bases: LLaMA-3 uses 5e5, Qwen2.5 and Mistral-7B-v0.2+ 1e6.
-ROPE_THETA = {"llama": 5e5, "qwen2": 1e6, "mistral": 1e6}
+# Realistic RoPE bases: LLaMA-3 uses 5e5, Qwen2.5, Qwen3 and Mistral-7B-v0.2+ 1e6.
+ROPE_THETA = {"llama": 5e5, "qwen2": 1e6, "mistral": 1e6, "qwen3": 1e6, "phi3": 1e4}
 POSITIONS = 2048
 
 

@@ -14,7 +14,7 @@ from denoiserotator.files.text import save_calibration
 from denoiserotator.finetune import lora_finetune, main, training_ids
 from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.settings import LoraSettings
-from denoiserotator.testing import tiny_model, tiny_tokenizer
+from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
 def pruned_rotated_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
@@ -52,7 +52,7 @@ def loss_on(model: torch.nn.Module, ids: torch.Tensor) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_keeps_the_exact_mask_and_boundaries_and_lowers_the_loss(family: str) -> None:
     model = pruned_rotated_model(family)
     ids = train_batch()

@@ -245,6 +245,52 @@ def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     assert prune_jobs and all("gpu=1" in block for block in prune_jobs)
 
 
+NEW_FAMILIES = {"tiny-qwen3": "tiny:qwen3", "tiny-phi3": "tiny:phi3"}
+
+
+def test_the_newer_families_run_through_the_workflow(tmp_path: Path) -> None:
+    """Qwen3 (per-head q/k norms) and Phi-3 (fused qkv_proj and gate_up_proj, partial rotary)
+    through the real workflow: the rotation-only row equals dense, 2:4 rows are exactly half
+    zeros (LoRA included), and lm-eval runs on the rotated, fine-tuned folder."""
+    workdir = _copy_workflow(tmp_path)
+    overlay = _overlay(workdir, "families.yaml", {
+        "models": [{"slug": slug, "source": source, "params_b": 0.001, "num_layers": 2}
+                   for slug, source in NEW_FAMILIES.items()],
+        "patterns": ["2:4"],
+        "finetune": {"rows": [{"pruner": "wanda", "pattern": "2:4", "rotation": "denoise"}]},
+        "eval": {"zeroshot": {"rows": ["wanda/2:4/denoise/lora"]}},
+    })  # fmt: skip
+    proc = snakemake(workdir, "results/tables/main.csv", "--cores", "2", "--resources", "gpu=2",
+                     "--configfile", "config/test.yaml", overlay, timeout=RUN_TIMEOUT_S)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
+    table = pd.read_csv(workdir / "results/tables/main.csv")
+    assert set(table["model"]) == set(NEW_FAMILIES)
+    for _, rows in table.groupby("model"):
+        assert len(rows) == 5
+        pruned = rows["pruner"] != "none"
+        assert (rows.loc[pruned, "measured_sparsity"] == 0.5).all()
+        rot_only = (rows["pruner"] == "none") & (rows["rotation"] == "denoise")
+        assert rows.loc[rot_only, "rotation_only_matches_dense"].tolist() == [True]
+        assert rows.loc[rows["finetune"] == "lora", "zeroshot_avg"].notna().all()
+
+
+def test_a_refused_family_fails_at_planning_naming_it_and_the_reason(tmp_path: Path) -> None:
+    from transformers import Gemma3TextConfig
+
+    workdir = _copy_workflow(tmp_path)
+    Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], vocab_size=384, hidden_size=64).save_pretrained(
+        tmp_path / "gemma3"
+    )
+    overlay = _overlay(workdir, "gemma.yaml", {
+        "models": [{"slug": "tiny-gemma3", "source": f"local:{tmp_path / 'gemma3'}", "params_b": 0.001}],
+    })  # fmt: skip
+    proc = snakemake(workdir, "-n", "results/tables/main.csv", "--configfile", "config/test.yaml", overlay)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Gemma3ForCausalLM is refused" in log and "post_feedforward_layernorm" in log, log[-3000:]
+    assert "rule calibrate" not in log
+
+
 def test_merged_configs_leave_nothing_of_the_paper_grid() -> None:
     """Every mapping key of config.yaml is set by demo.yaml and test.yaml (lists replace wholesale)."""
 

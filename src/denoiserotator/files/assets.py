@@ -34,6 +34,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from denoiserotator.settings import ZEROSHOT_TASKS
@@ -191,6 +192,15 @@ def materialise_model(source: str, out: Path, num_layers: int = 2) -> Path:
     elif kind == "hf":
         from huggingface_hub import snapshot_download
 
+        from denoiserotator.method.adapters import adapter_class_for_config
+
+        # config.json first: a refused family fails in seconds, not after a 140 GB download.
+        snapshot_download(arg, local_dir=tmp, allow_patterns=["config.json"])
+        try:
+            adapter_class_for_config(SimpleNamespace(**json.loads((tmp / "config.json").read_text())))
+        except ValueError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         snapshot_download(arg, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         tmp.rename(out)
     elif kind == "gguf":

@@ -205,16 +205,18 @@ def folder_sparsity(folder: str | Path) -> dict[str, Any]:
 
     from safetensors import safe_open
 
-    from denoiserotator.method.adapters import adapter_class_for_config
+    from denoiserotator.method.adapters import adapter_class_for_config, linear_rows
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     adapter = adapter_class_for_config(SimpleNamespace(**config))
     num_layers = int(config["num_hidden_layers"])
+    # A fused linear (Phi-3's qkv_proj) is stored as one tensor: its rows are counted per block.
+    rows = linear_rows(SimpleNamespace(**config))
     wanted = {
-        f"{adapter.layers_path}.{index}.{adapter.linear_paths[name]}.weight": name
+        f"{adapter.layers_path}.{index}.{path}.weight": names
         for index in range(num_layers)
-        for name in LINEAR_NAMES
+        for path, names in adapter.stored_linears().items()
     }
     zeros = dict.fromkeys(LINEAR_NAMES, 0)
     totals = dict.fromkeys(LINEAR_NAMES, 0)
@@ -222,12 +224,13 @@ def folder_sparsity(folder: str | Path) -> dict[str, Any]:
     for path in _safetensors_files(folder):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                name = wanted.get(key)
-                if name is None or key in seen:
+                names = wanted.get(key)
+                if names is None or key in seen:
                     continue
                 weight = handle.get_tensor(key)
-                zeros[name] += int((weight == 0).sum())
-                totals[name] += weight.numel()
+                for name, block in zip(names, weight.split([rows[name] for name in names]), strict=True):
+                    zeros[name] += int((block == 0).sum())
+                    totals[name] += block.numel()
                 seen.add(key)
     missing = sorted(set(wanted) - seen)
     if missing:

@@ -3,7 +3,7 @@
 After DenoiseRotator every decoder layer i runs in its own orthogonal basis. With the
 adjacent exit/entry rotations merged (SPEC §2), the hidden state entering layer i must be
 multiplied on the right by one d×d matrix M_i = Q_{i-1}ᵀ Q_i. This file adds exactly that,
-and nothing else, to the stock Llama / Qwen2 / Mistral classes: a small submodule holding
+and nothing else, to the stock Llama / Qwen2 / Mistral / Qwen3 / Phi-3 classes: a small submodule holding
 M_i (a parameter, so it is saved and loaded with the state dict) and a forward pre-hook on
 the decoder layer that applies it. No Hugging Face forward code is copied, so the classes
 follow whatever transformers version runs them.
@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 # Name of the submodule on a decoder layer and of the config key listing the layers that carry one.
 BOUNDARY_ATTR = "denoiserotator_boundary"
@@ -136,10 +143,24 @@ class RotatedMistralForCausalLM(DenoiseRotatorBoundaryMixin, MistralForCausalLM)
         self._denoiserotator_init()
 
 
+class RotatedQwen3ForCausalLM(DenoiseRotatorBoundaryMixin, Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
+class RotatedPhi3ForCausalLM(DenoiseRotatorBoundaryMixin, Phi3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
 ROTATED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
     LlamaForCausalLM: RotatedLlamaForCausalLM,
     Qwen2ForCausalLM: RotatedQwen2ForCausalLM,
     MistralForCausalLM: RotatedMistralForCausalLM,
+    Qwen3ForCausalLM: RotatedQwen3ForCausalLM,
+    Phi3ForCausalLM: RotatedPhi3ForCausalLM,
 }
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from denoiserotator.method.pruners import PRUNERS, parse_pattern
-from denoiserotator.settings import ComputeSettings, ModelEntry, PipelineConfig, short_hash
+from denoiserotator.plan.families import family_problem
+from denoiserotator.settings import ComputeSettings, ModelEntry, PipelineConfig, SettingsError, short_hash
 
 __all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
 
@@ -115,6 +116,9 @@ class Experiment:
         self.finetune_data = settings.finetune.train
         self.perplexity = {s.name: s for s in settings.eval.perplexity}
         self.zeroshot = settings.eval.zeroshot
+        refused = [p for m in settings.models if (p := family_problem(m, self.base_model_dir(m.slug)))]
+        if refused:
+            raise SettingsError("; ".join(refused))
 
     # -- ids ----------------------------------------------------------------------------------
     def calib_id(self) -> str:

@@ -24,6 +24,17 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
 LINEAR_NAMES: tuple[str, ...] = tuple(name for group in INPUT_GROUPS.values() for name in group)
 
 
+def linear_rows(config: object) -> dict[str, int]:
+    """Output rows of each of the seven linears, from a transformers config (or a namespace of one)."""
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    intermediate = int(config.intermediate_size)
+    return {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim, "o": hidden,
+            "gate": intermediate, "up": intermediate, "down": hidden}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LayerAdapter:
     """Named access to one decoder layer of a pre-norm attention + SwiGLU block."""
@@ -63,6 +74,9 @@ class ModelAdapter:
         "down": "mlp.down_proj",
     }
     input_groups: ClassVar[dict[str, tuple[str, ...]]] = INPUT_GROUPS
+    # Stored fused linears (path in a layer → the linears whose rows it stacks, in order). They
+    # are split in memory when the adapter is made (`fused.SplitLinear`) and saved fused.
+    fused_linears: ClassVar[dict[str, tuple[str, ...]]] = {}
     input_norm_path: ClassVar[str] = "input_layernorm"
     post_attention_norm_path: ClassVar[str] = "post_attention_layernorm"
     layers_path: ClassVar[str] = "model.layers"
@@ -73,6 +87,48 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+        if self.fused_linears:
+            self._split_fused_linears()
+
+    def _split_fused_linears(self) -> None:
+        from denoiserotator.method.adapters.fused import SplitLinear
+
+        rows = linear_rows(self.config)
+        for layer in self.layers:
+            for path, names in self.fused_linears.items():
+                module = layer.get_submodule(path)
+                if not isinstance(module, SplitLinear):
+                    parent, _, child = path.rpartition(".")
+                    split = SplitLinear(module, {name: rows[name] for name in names})
+                    setattr(layer.get_submodule(parent) if parent else layer, child, split)
+
+    @classmethod
+    def stored_linears(cls) -> dict[str, tuple[str, ...]]:
+        """Each linear as stored in a saved folder (path in a layer → the linears it holds)."""
+        fused_parts = {name for names in cls.fused_linears.values() for name in names}
+        stored = {path: names for path, names in cls.fused_linears.items()}
+        stored.update({cls.linear_paths[name]: (name,) for name in LINEAR_NAMES if name not in fused_parts})
+        return stored
+
+    @classmethod
+    def lora_target_modules(cls, targets: tuple[str, ...]) -> list[str]:
+        """peft `target_modules` for this family from names of the stock layout's linears
+        (`q_proj`, ... as in LLaMA, or this family's own, e.g. `qkv_proj`): a fused linear is
+        reached through its split blocks, so LoRA trains (and merges into) the same weights
+        the masks cover."""
+        stock = {path.rsplit(".", 1)[-1]: name for name, path in ModelAdapter.linear_paths.items()}
+        fused = {path.rsplit(".", 1)[-1]: names for path, names in cls.fused_linears.items()}
+        modules: list[str] = []
+        for target in targets:
+            if target in fused:
+                names = fused[target]
+            elif target in stock and cls.linear_paths[stock[target]] != ModelAdapter.linear_paths[stock[target]]:  # noqa: E501
+                names = (stock[target],)
+            else:
+                modules.append(target)
+                continue
+            modules += [".".join(cls.linear_paths[name].split(".")[-2:]) for name in names]
+        return modules
 
     # --- structure -----------------------------------------------------------------
     @property

@@ -1,0 +1,72 @@
+"""Planning refuses a family no adapter rotates exactly, naming the architecture and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from denoiserotator.plan.experiment import Experiment
+from denoiserotator.settings import SettingsError
+from tests.conftest import merged_config
+
+
+def _with_model(**entry: object) -> dict:
+    return merged_config("test.yaml", models=[{"slug": "m", "params_b": 1.0, **entry}])
+
+
+def test_a_refused_architecture_key_is_refused_with_the_reason() -> None:
+    with pytest.raises(
+        SettingsError, match=r"Gemma3ForCausalLM is refused: Gemma 3 normalises each sublayer's output"
+    ):
+        Experiment(_with_model(source="hf:google/gemma-3-4b-pt", architecture="Gemma3ForCausalLM"))
+
+
+def test_an_unknown_architecture_is_refused_naming_the_supported_ones() -> None:
+    with pytest.raises(
+        SettingsError, match=r"unsupported architecture \['FalconForCausalLM'\].*Qwen3ForCausalLM"
+    ):
+        Experiment(_with_model(source="hf:tiiuae/falcon-7b", architecture="FalconForCausalLM"))
+
+
+def test_a_local_folders_config_json_decides(tmp_path: Path) -> None:
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    Qwen3Config(architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path / "qwen3")
+    Experiment(_with_model(source=f"local:{tmp_path / 'qwen3'}"))
+    Gemma3TextConfig(architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path / "gemma3")
+    with pytest.raises(
+        SettingsError,
+        match=rf"model 'm' \({tmp_path / 'gemma3'}/config.json\): architecture Gemma3ForCausalLM",
+    ):
+        Experiment(_with_model(source=f"local:{tmp_path / 'gemma3'}"))
+    # a stated architecture does not override the folder's own config.json
+    with pytest.raises(SettingsError, match="Gemma3ForCausalLM is refused"):
+        Experiment(_with_model(source=f"local:{tmp_path / 'gemma3'}", architecture="Qwen3ForCausalLM"))
+
+
+def test_a_hub_model_of_unknown_architecture_is_left_to_its_fetch() -> None:
+    experiment = Experiment(_with_model(source="hf:nobody/not-in-the-cache"))
+    assert list(experiment.models) == ["m"]
+
+
+def test_fetching_a_refused_hub_model_stops_after_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from transformers import Gemma3TextConfig
+
+    from denoiserotator.files.assets import materialise_model
+    from denoiserotator.method.adapters import UnsupportedArchitectureError
+
+    downloads: list[list[str]] = []
+
+    def fake_download(repo: str, local_dir: Path, allow_patterns: list[str]) -> None:
+        downloads.append(allow_patterns)
+        Gemma3TextConfig(architectures=["Gemma3ForCausalLM"]).save_pretrained(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForCausalLM is refused"):
+        materialise_model("hf:google/gemma-3-4b-pt", tmp_path / "models" / "gemma")
+    assert downloads == [["config.json"]]
+    assert not list((tmp_path / "models").iterdir())  # nor a temporary folder
