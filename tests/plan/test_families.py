@@ -70,3 +70,20 @@ def test_fetching_a_refused_hub_model_stops_after_its_config(
         materialise_model("hf:google/gemma-3-4b-pt", tmp_path / "models" / "gemma")
     assert downloads == [["config.json"]]
     assert not list((tmp_path / "models").iterdir())  # nor a temporary folder
+
+
+def test_the_commented_example_entries_of_the_paper_grid_plan_as_their_comments_say() -> None:
+    import re
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "config/config.yaml").read_text()
+    block = "\n".join(line[4:] for line in text.splitlines() if re.match(r"^  # ( |- )", line) and ":" in line)
+    entries = yaml.safe_load(block)
+    assert [entry["slug"] for entry in entries] == ["qwen3-8b", "phi-4", "gemma3-4b"]
+    for entry in entries[:2]:
+        assert list(Experiment(merged_config("test.yaml", models=[entry])).models) == [entry["slug"]]
+    with pytest.raises(SettingsError, match="Gemma3ForConditionalGeneration is refused"):
+        Experiment(merged_config("test.yaml", models=[entries[2]]))
