@@ -10,6 +10,12 @@ forward time of the exported model. Side by side in one run, JSON out; not a tim
    merged boundaries (one d×d matmul per layer boundary), and the unmerged form (two d×d
    matmuls per layer: rotate in and out). Medians of repeated forwards, interleaved so that a
    busy machine slows all three alike; the ratios are what to read.
+3. With `--families`, only this: the exported forward overhead per family on random models of
+   Gemma-3-1B's layer shapes (d 1152, intermediate 6912, 4 heads of 256, 1 KV head; 4 layers,
+   a 4096-token vocabulary so the head does not dominate), LLaMA layout against Gemma 3's, whose
+   two post-norms per layer become d×d matrices:
+
+    .venv/bin/python -m bench.overheads --families --out bench/results/overheads_families.json
 """
 
 from __future__ import annotations
@@ -109,6 +115,40 @@ def forward_times(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def family_forward_times(args: argparse.Namespace) -> dict[str, Any]:
+    from denoiserotator.files.modeling_denoiserotator import attach_boundary_rotations
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
+    from denoiserotator.settings import RotationSettings
+    from denoiserotator.testing import tiny_model
+
+    shape = dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                 head_dim=256, vocab_size=4096, max_position_embeddings=4096)  # fmt: skip
+    ids = torch.randint(0, 4096, (1, args.forward_tokens), generator=torch.Generator().manual_seed(0))
+    settings = PruneSettings(pruner="none", pattern=None, rotation=RotationSettings(steps=2))
+    out: dict[str, Any] = {"tokens": args.forward_tokens, "repeats": args.repeats, "layers": 4, **shape}
+    for family in ("llama", "gemma3_text"):
+        plain = tiny_model(family, num_layers=4, **shape)
+        result = run_pipeline(tiny_model(family, num_layers=4, **shape), ids[:, :64].repeat(2, 1), settings,
+                              progress=False)  # fmt: skip
+        merged = attach_boundary_rotations(result.model, result.boundary)
+        models = {"unrotated": plain.eval(), "merged": merged.eval()}
+        times: dict[str, list[float]] = {name: [] for name in models}
+        with torch.inference_mode():
+            for model in models.values():
+                model(ids)
+            for _ in range(args.repeats):
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    model(ids)
+                    times[name].append(time.perf_counter() - started)
+            difference = float((merged(ids).logits - plain(ids).logits).abs().max())
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        ratio = medians["merged"] / medians["unrotated"]
+        out[family] = {"median_seconds": medians, "merged_over_unrotated": ratio,
+                       "max_logit_difference": difference}  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
@@ -117,10 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--families", action="store_true", help="only the per-family forward overhead")
     parser.add_argument("--child", choices=("none", "denoise"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _peak_rss_child(args)
+        return
+    if args.families:
+        report = {"torch_threads": torch.get_num_threads(), "families": family_forward_times(args)}
+        write_report(report, args.out)
         return
     report = {
         "torch_threads": torch.get_num_threads(),

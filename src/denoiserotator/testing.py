@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -22,7 +23,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from denoiserotator.method.adapters import FAMILIES
+from denoiserotator.method.adapters import FAMILIES, adapter_class_for_config
 
 __all__ = ["FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model"]
 
@@ -87,6 +88,14 @@ def tiny_config(
         return MistralConfig(architectures=["MistralForCausalLM"], **common)
     if family == "qwen3":
         return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
+    if family == "gemma3_text":
+        # Alternating sliding/global layers with a short window, so both masks and both rotary
+        # embeddings are exercised; a query scale other than head_dim, as in the 27B model.
+        common.setdefault("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                          for i in range(int(common["num_hidden_layers"]))])  # fmt: skip
+        common.setdefault("sliding_window", 8)
+        common.setdefault("query_pre_attn_scalar", 24)
+        return Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], **common)
     if family == "phi3":
         # Partial rotary as in Phi-4-mini (0.75 there), so the pass-through half of a head is exercised.
         rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
@@ -104,10 +113,12 @@ def tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     model = model.to(torch.float32).eval()
     generator = torch.Generator().manual_seed(seed + 1)
+    # norm scales ~ 1 + 0.3·N(0, 1) in every family (Gemma stores scale - 1)
+    offset = adapter_class_for_config(config).norm_offset
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+                param.copy_(1.0 - offset + 0.3 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:

@@ -24,6 +24,11 @@ from denoiserotator.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 # Realistic RoPE bases: LLaMA-3 uses 5e5, Qwen2.5, Qwen3 and Mistral-7B-v0.2+ 1e6.
 ROPE_THETA = {"llama": 5e5, "qwen2": 1e6, "mistral": 1e6, "qwen3": 1e6, "phi3": 1e4}
+# Gemma 3: one RoPE per layer type (local 1e4, global 1e6 as in its published configs).
+GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+}
 POSITIONS = 2048
 
 
@@ -39,7 +44,9 @@ def save_long_context_model(family: str, folder: Path, num_layers: int = 3) -> P
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=2 * POSITIONS,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA[family]},
+        rope_parameters=GEMMA3_ROPE
+        if family == "gemma3_text"
+        else {"rope_type": "default", "rope_theta": ROPE_THETA[family]},
     )
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

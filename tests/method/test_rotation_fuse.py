@@ -56,9 +56,12 @@ def use_float64_rmsnorm(model: torch.nn.Module) -> None:
     """Hugging Face RMSNorm computes in float32 whatever the model dtype; for a float64 check
     of the fusion algebra, give the norms the same formula in float64."""
 
+    offset = get_adapter(model).norm_offset  # Gemma's scale is 1 + weight
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+        eps = getattr(self, "variance_epsilon", None) or self.eps
+        return (offset + self.weight) * (hidden_states * torch.rsqrt(variance + eps))
 
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):

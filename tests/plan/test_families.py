@@ -16,10 +16,8 @@ def _with_model(**entry: object) -> dict:
 
 
 def test_a_refused_architecture_key_is_refused_with_the_reason() -> None:
-    with pytest.raises(
-        SettingsError, match=r"Gemma3ForCausalLM is refused: Gemma 3 normalises each sublayer's output"
-    ):
-        Experiment(_with_model(source="hf:google/gemma-3-4b-pt", architecture="Gemma3ForCausalLM"))
+    with pytest.raises(SettingsError, match=r"Gemma2ForCausalLM is refused: Gemma 2 \(sandwich norms"):
+        Experiment(_with_model(source="hf:google/gemma-2-9b", architecture="Gemma2ForCausalLM"))
 
 
 def test_an_unknown_architecture_is_refused_naming_the_supported_ones() -> None:
@@ -30,19 +28,19 @@ def test_an_unknown_architecture_is_refused_naming_the_supported_ones() -> None:
 
 
 def test_a_local_folders_config_json_decides(tmp_path: Path) -> None:
-    from transformers import Gemma3TextConfig, Qwen3Config
+    from transformers import Gemma2Config, Qwen3Config
 
     Qwen3Config(architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path / "qwen3")
     Experiment(_with_model(source=f"local:{tmp_path / 'qwen3'}"))
-    Gemma3TextConfig(architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path / "gemma3")
+    Gemma2Config(architectures=["Gemma2ForCausalLM"]).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(
         SettingsError,
-        match=rf"model 'm' \({tmp_path / 'gemma3'}/config.json\): architecture Gemma3ForCausalLM",
+        match=rf"model 'm' \({tmp_path / 'gemma2'}/config.json\): architecture Gemma2ForCausalLM",
     ):
-        Experiment(_with_model(source=f"local:{tmp_path / 'gemma3'}"))
+        Experiment(_with_model(source=f"local:{tmp_path / 'gemma2'}"))
     # a stated architecture does not override the folder's own config.json
-    with pytest.raises(SettingsError, match="Gemma3ForCausalLM is refused"):
-        Experiment(_with_model(source=f"local:{tmp_path / 'gemma3'}", architecture="Qwen3ForCausalLM"))
+    with pytest.raises(SettingsError, match="Gemma2ForCausalLM is refused"):
+        Experiment(_with_model(source=f"local:{tmp_path / 'gemma2'}", architecture="Qwen3ForCausalLM"))
 
 
 def test_a_hub_model_of_unknown_architecture_is_left_to_its_fetch() -> None:
@@ -54,7 +52,7 @@ def test_fetching_a_refused_hub_model_stops_after_its_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import huggingface_hub
-    from transformers import Gemma3TextConfig
+    from transformers import Gemma2Config
 
     from denoiserotator.files.assets import materialise_model
     from denoiserotator.method.adapters import UnsupportedArchitectureError
@@ -63,11 +61,11 @@ def test_fetching_a_refused_hub_model_stops_after_its_config(
 
     def fake_download(repo: str, local_dir: Path, allow_patterns: list[str]) -> None:
         downloads.append(allow_patterns)
-        Gemma3TextConfig(architectures=["Gemma3ForCausalLM"]).save_pretrained(local_dir)
+        Gemma2Config(architectures=["Gemma2ForCausalLM"]).save_pretrained(local_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForCausalLM is refused"):
-        materialise_model("hf:google/gemma-3-4b-pt", tmp_path / "models" / "gemma")
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma2ForCausalLM is refused"):
+        materialise_model("hf:google/gemma-2-9b", tmp_path / "models" / "gemma")
     assert downloads == [["config.json"]]
     assert not list((tmp_path / "models").iterdir())  # nor a temporary folder
 
@@ -80,10 +78,11 @@ def test_the_commented_example_entries_of_the_paper_grid_plan_as_their_comments_
     from tests.conftest import ROOT
 
     text = (ROOT / "config/config.yaml").read_text()
-    block = "\n".join(line[4:] for line in text.splitlines() if re.match(r"^  # ( |- )", line) and ":" in line)
+    commented = [line for line in text.splitlines() if re.match(r"^  # ( |- )", line) and ":" in line]
+    block = "\n".join(line[4:] for line in commented)
     entries = yaml.safe_load(block)
-    assert [entry["slug"] for entry in entries] == ["qwen3-8b", "phi-4", "gemma3-4b"]
-    for entry in entries[:2]:
+    assert [entry["slug"] for entry in entries] == ["qwen3-8b", "phi-4", "gemma3-1b", "gemma3-4b"]
+    for entry in entries[:3]:
         assert list(Experiment(merged_config("test.yaml", models=[entry])).models) == [entry["slug"]]
-    with pytest.raises(SettingsError, match="Gemma3ForConditionalGeneration is refused"):
-        Experiment(merged_config("test.yaml", models=[entries[2]]))
+    with pytest.raises(SettingsError, match="Gemma3ForConditionalGeneration is refused: a multimodal"):
+        Experiment(merged_config("test.yaml", models=[entries[3]]))

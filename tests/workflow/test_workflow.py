@@ -245,13 +245,14 @@ def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     assert prune_jobs and all("gpu=1" in block for block in prune_jobs)
 
 
-NEW_FAMILIES = {"tiny-qwen3": "tiny:qwen3", "tiny-phi3": "tiny:phi3"}
+NEW_FAMILIES = {"tiny-qwen3": "tiny:qwen3", "tiny-phi3": "tiny:phi3", "tiny-gemma3": "tiny:gemma3_text"}
 
 
 def test_the_newer_families_run_through_the_workflow(tmp_path: Path) -> None:
-    """Qwen3 (per-head q/k norms) and Phi-3 (fused qkv_proj and gate_up_proj, partial rotary)
-    through the real workflow: the rotation-only row equals dense, 2:4 rows are exactly half
-    zeros (LoRA included), and lm-eval runs on the rotated, fine-tuned folder."""
+    """Qwen3 (per-head q/k norms), Phi-3 (fused qkv_proj and gate_up_proj, partial rotary) and
+    Gemma 3 (sandwich norms, 1 + γ scales, sliding/global layers) through the real workflow:
+    the rotation-only row equals dense, 2:4 rows are exactly half zeros (LoRA included), and
+    lm-eval runs on the rotated, fine-tuned folder."""
     workdir = _copy_workflow(tmp_path)
     overlay = _overlay(workdir, "families.yaml", {
         "models": [{"slug": slug, "source": source, "params_b": 0.001, "num_layers": 2}
@@ -275,19 +276,19 @@ def test_the_newer_families_run_through_the_workflow(tmp_path: Path) -> None:
 
 
 def test_a_refused_family_fails_at_planning_naming_it_and_the_reason(tmp_path: Path) -> None:
-    from transformers import Gemma3TextConfig
+    from transformers import Gemma2Config
 
     workdir = _copy_workflow(tmp_path)
-    Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], vocab_size=384, hidden_size=64).save_pretrained(
-        tmp_path / "gemma3"
+    Gemma2Config(architectures=["Gemma2ForCausalLM"], vocab_size=384, hidden_size=64).save_pretrained(
+        tmp_path / "gemma2"
     )
     overlay = _overlay(workdir, "gemma.yaml", {
-        "models": [{"slug": "tiny-gemma3", "source": f"local:{tmp_path / 'gemma3'}", "params_b": 0.001}],
+        "models": [{"slug": "tiny-gemma2", "source": f"local:{tmp_path / 'gemma2'}", "params_b": 0.001}],
     })  # fmt: skip
     proc = snakemake(workdir, "-n", "results/tables/main.csv", "--configfile", "config/test.yaml", overlay)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "Gemma3ForCausalLM is refused" in log and "post_feedforward_layernorm" in log, log[-3000:]
+    assert "Gemma2ForCausalLM is refused" in log and "no adapter and contract test" in log, log[-3000:]
     assert "rule calibrate" not in log
 
 

@@ -2,11 +2,12 @@
 
 After DenoiseRotator every decoder layer i runs in its own orthogonal basis. With the
 adjacent exit/entry rotations merged (SPEC §2), the hidden state entering layer i must be
-multiplied on the right by one d×d matrix M_i = Q_{i-1}ᵀ Q_i. This file adds exactly that,
-and nothing else, to the stock Llama / Qwen2 / Mistral / Qwen3 / Phi-3 classes: a small submodule holding
+multiplied on the right by one d×d matrix M_i = Q_{i-1}ᵀ Q_i. This file adds exactly that to
+the stock Llama / Qwen2 / Mistral / Qwen3 / Phi-3 / Gemma 3 classes: a small submodule holding
 M_i (a parameter, so it is saved and loaded with the state dict) and a forward pre-hook on
-the decoder layer that applies it. No Hugging Face forward code is copied, so the classes
-follow whatever transformers version runs them.
+the decoder layer that applies it. Gemma 3 also gets its sublayer-output norms as d×d matrices
+(`RotatedOutputNorm`). No Hugging Face forward code is copied, so the classes follow whatever
+transformers version runs them.
 
 This file is self-contained (torch and transformers only): it is copied verbatim into every
 exported model folder, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
     Phi3ForCausalLM,
@@ -30,6 +32,8 @@ from transformers import (
 BOUNDARY_ATTR = "denoiserotator_boundary"
 CONFIG_KEY = "denoiserotator_boundary_layers"
 _HANDLE_ATTR = "_denoiserotator_boundary_hook"
+# Config key listing the layers whose sublayer-output norms carry a d×d matrix (Gemma 3).
+OUTPUT_NORM_KEY = "denoiserotator_output_norm_layers"
 
 
 class BoundaryRotation(nn.Module):
@@ -50,6 +54,47 @@ class BoundaryRotation(nn.Module):
         # layer's own hook moves its inputs, so the hidden state may still be on the previous GPU.
         rotated = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype) @ self.weight
         return rotated.to(hidden_states.dtype)
+
+
+class RotatedOutputNorm(nn.Module):
+    """An RMSNorm whose scale became a d×d matrix: y = (x / RMS(x)) @ weight, in fp32.
+
+    A norm applied to a sublayer's output before the residual add (Gemma's post norms) receives
+    the rotated yQ once the residual stream is rotated by Q. RMS is rotation-invariant, so the
+    original norm(y)·Q equals (yQ / RMS(yQ)) @ Qᵀ·diag(s)·Q with s its elementwise scale: exact,
+    at one extra d×d product per token. The matrix keeps the norm's parameter name (`weight`),
+    so a stock class refuses the folder (shape mismatch) instead of loading it wrongly.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        # at least fp32 (bf16 models keep it fp32, as the boundary matrices)
+        dtype = torch.promote_types(dtype or torch.float32, torch.float32)
+        self.weight = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, rotation: torch.Tensor, offset: float) -> RotatedOutputNorm:
+        """From an RMSNorm with scale `offset + norm.weight` and the residual rotation Q (d×d)."""
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        scale = norm.weight.detach().to(torch.float64) + offset
+        q64 = rotation.to(device=scale.device, dtype=torch.float64)
+        rotated = cls(scale.numel(), eps, dtype=norm.weight.dtype, device=norm.weight.device)
+        with torch.no_grad():
+            rotated.weight.copy_((q64.T * scale[None, :]) @ q64)
+        return rotated
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # at least fp32, as the norm it replaces computes
+        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed @ self.weight.to(device=x.device, dtype=x.dtype)).type_as(hidden_states)
 
 
 def _boundary_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -109,12 +154,23 @@ def _set_boundary_layers(model: nn.Module, boundary: dict[int, torch.Tensor | No
     setattr(model.config, CONFIG_KEY, sorted(boundary))
 
 
+def _output_norm_layers(model: nn.Module) -> list[int]:
+    # by class name: a class loaded through trust_remote_code is a copy of this file's
+    return [
+        index
+        for index, layer in enumerate(_decoder_layers(model))
+        if any(type(module).__name__ == RotatedOutputNorm.__name__ for module in layer.modules())
+    ]
+
+
 class DenoiseRotatorBoundaryMixin:
     """Adds the boundary rotations listed in `config.denoiserotator_boundary_layers`."""
 
     _denoiserotator_rotated = True
     # Loading with dtype=bfloat16/float16 keeps the boundary matrices in fp32 (see BoundaryRotation).
     _keep_in_fp32_modules_strict = [BOUNDARY_ATTR]
+    # the family's sublayer-output norms (Gemma 3), made RotatedOutputNorm in the listed layers
+    _denoiserotator_output_norms: tuple[str, ...] = ()
 
     def _denoiserotator_init(self) -> None:
         indices = [int(i) for i in (getattr(self.config, CONFIG_KEY, None) or [])]
@@ -123,6 +179,14 @@ class DenoiseRotatorBoundaryMixin:
         if bad:
             raise ValueError(f"{CONFIG_KEY} lists layers {bad} but the model has {num_layers} layers")
         _set_boundary_layers(self, {i: None for i in indices})
+        layers = _decoder_layers(self)
+        for index in [int(i) for i in (getattr(self.config, OUTPUT_NORM_KEY, None) or [])]:
+            for path in self._denoiserotator_output_norms:
+                parent, _, child = path.rpartition(".")
+                owner = layers[index].get_submodule(parent) if parent else layers[index]
+                norm = getattr(owner, child)
+                size, device = norm.weight.numel(), norm.weight.device
+                setattr(owner, child, RotatedOutputNorm(size, float(norm.eps), norm.weight.dtype, device))
 
 
 class RotatedLlamaForCausalLM(DenoiseRotatorBoundaryMixin, LlamaForCausalLM):
@@ -155,12 +219,22 @@ class RotatedPhi3ForCausalLM(DenoiseRotatorBoundaryMixin, Phi3ForCausalLM):
         self._denoiserotator_init()
 
 
+class RotatedGemma3ForCausalLM(DenoiseRotatorBoundaryMixin, Gemma3ForCausalLM):
+    _denoiserotator_output_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+    _keep_in_fp32_modules_strict = [BOUNDARY_ATTR, *_denoiserotator_output_norms]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._denoiserotator_init()
+
+
 ROTATED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
     LlamaForCausalLM: RotatedLlamaForCausalLM,
     Qwen2ForCausalLM: RotatedQwen2ForCausalLM,
     MistralForCausalLM: RotatedMistralForCausalLM,
     Qwen3ForCausalLM: RotatedQwen3ForCausalLM,
     Phi3ForCausalLM: RotatedPhi3ForCausalLM,
+    Gemma3ForCausalLM: RotatedGemma3ForCausalLM,
 }
 
 
@@ -200,6 +274,9 @@ def attach_boundary_rotations(model: PreTrainedModel, boundary: list[torch.Tenso
     if not is_rotated(model):
         model.__class__ = rotated_class_for(model)
     _set_boundary_layers(model, {i: m for i, m in enumerate(boundary) if m is not None})
+    output_norms = _output_norm_layers(model)
+    if output_norms:
+        setattr(model.config, OUTPUT_NORM_KEY, output_norms)
     return model
 
 

@@ -11,6 +11,7 @@ from denoiserotator.method.adapters.base import (
     ModelAdapter,
     linear_rows,
 )
+from denoiserotator.method.adapters.gemma3 import Gemma3Adapter
 from denoiserotator.method.adapters.llama import LlamaAdapter
 from denoiserotator.method.adapters.mistral import MistralAdapter
 from denoiserotator.method.adapters.phi3 import Phi3Adapter
@@ -23,29 +24,27 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     MistralAdapter,
     Qwen3Adapter,
     Phi3Adapter,
+    Gemma3Adapter,
 )
 # One family per adapter, named by its first model_type: the `tiny:<family>` sources, and the
 # families every contract test runs on (denoiserotator.testing builds a tiny config of each).
 FAMILIES: tuple[str, ...] = tuple(adapter.model_types[0] for adapter in ADAPTERS)
 
 
-# Families that load in transformers but that this package cannot rotate exactly (yet), with the
-# reason; planning refuses them (`plan.experiment`), as does every stage.
-_GEMMA3 = (
-    "Gemma 3 normalises each sublayer's output before the residual add (post_attention_layernorm, "
-    "post_feedforward_layernorm: RMSNorm with scale 1 + γ). R1 rotates the residual stream, and a "
-    "rotation commutes with the weightless RMS but not with diag(1 + γ): staying exact needs each "
-    "such norm to become the d×d matrix Qᵀ·diag(1 + γ)·Q (two extra d×d products per token and "
-    "layer in the exported model), which is not implemented; see docs/extending.md"
-)
+# Families that load in transformers but that this package does not rotate, with the reason;
+# planning refuses them (`plan.families`), as does every stage.
 REFUSED: dict[str, str] = {
-    "Gemma3ForCausalLM": _GEMMA3,
-    "Gemma3ForConditionalGeneration": _GEMMA3,
-    "Gemma2ForCausalLM": _GEMMA3.replace("Gemma 3", "Gemma 2"),
+    "Gemma3ForConditionalGeneration": (
+        "a multimodal checkpoint (vision tower, text decoder under model.language_model); only the "
+        "text-only Gemma3ForCausalLM (e.g. gemma-3-1b) is supported; see docs/extending.md"
+    ),
+    "Gemma2ForCausalLM": (
+        "Gemma 2 (sandwich norms as Gemma 3, plus logit soft-capping) has no adapter and contract "
+        "test yet; see docs/extending.md"
+    ),
 }
 REFUSED_MODEL_TYPES: dict[str, str] = {
-    "gemma3_text": _GEMMA3,
-    "gemma3": _GEMMA3,
+    "gemma3": REFUSED["Gemma3ForConditionalGeneration"],
     "gemma2": REFUSED["Gemma2ForCausalLM"],
 }
 

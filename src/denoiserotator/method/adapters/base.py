@@ -43,6 +43,8 @@ class LayerAdapter:
     linear_paths: dict[str, str]
     input_norm_path: str
     post_attention_norm_path: str
+    norm_offset: float = 0.0
+    output_norm_paths: tuple[str, ...] = ()
 
     def linear(self, name: str) -> nn.Linear:
         return self.layer.get_submodule(self.linear_paths[name])
@@ -57,6 +59,10 @@ class LayerAdapter:
     @property
     def post_attention_norm(self) -> nn.Module:
         return self.layer.get_submodule(self.post_attention_norm_path)
+
+    def replace(self, path: str, module: nn.Module) -> None:
+        parent, _, child = path.rpartition(".")
+        setattr(self.layer.get_submodule(parent) if parent else self.layer, child, module)
 
 
 class ModelAdapter:
@@ -78,7 +84,13 @@ class ModelAdapter:
     # are split in memory when the adapter is made (`fused.SplitLinear`) and saved fused.
     fused_linears: ClassVar[dict[str, tuple[str, ...]]] = {}
     input_norm_path: ClassVar[str] = "input_layernorm"
+    # The norm in front of the MLP (LLaMA's name; Gemma's pre_feedforward_layernorm).
     post_attention_norm_path: ClassVar[str] = "post_attention_layernorm"
+    # RMSNorm scale convention: x̂·(norm_offset + weight) (Gemma: 1 + weight).
+    norm_offset: ClassVar[float] = 0.0
+    # Norms on a sublayer's output before the residual add (Gemma's sandwich norms); a rotation
+    # turns their scale into a d×d matrix (`rotation.fuse.fuse_layer_rotation`).
+    output_norm_paths: ClassVar[tuple[str, ...]] = ()
     layers_path: ClassVar[str] = "model.layers"
     embedding_path: ClassVar[str] = "model.embed_tokens"
     final_norm_path: ClassVar[str] = "model.norm"
@@ -144,7 +156,12 @@ class ModelAdapter:
 
     def wrap_layer(self, layer: nn.Module) -> LayerAdapter:
         return LayerAdapter(
-            layer, dict(self.linear_paths), self.input_norm_path, self.post_attention_norm_path
+            layer,
+            dict(self.linear_paths),
+            self.input_norm_path,
+            self.post_attention_norm_path,
+            self.norm_offset,
+            self.output_norm_paths,
         )
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from denoiserotator.files.modeling_denoiserotator import RotatedOutputNorm
 from denoiserotator.method.adapters import LayerAdapter, ModelAdapter
 
 # Rows (or columns) per fp64 product: bounds the temporaries to a slice of one weight instead of
@@ -42,8 +43,9 @@ def _left_multiply_transposed(rotation: torch.Tensor, weight: torch.Tensor) -> t
     return out
 
 
-def _fold_scale_into(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    gamma = norm.weight.data.to(torch.float64)
+def _fold_scale_into(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
+    """Fold the norm's scale `offset + weight` into the linears' input columns; leave scale 1."""
+    gamma = norm.weight.data.to(torch.float64) + offset
     for linear in linears:
         weight = linear.weight.data
         scaled = torch.empty_like(weight)
@@ -52,13 +54,14 @@ def _fold_scale_into(norm: nn.Module, linears: list[nn.Linear]) -> None:
             scaled[start : start + _CHUNK] = rows.to(weight.dtype)
         linear.weight.data = scaled
     # A weightless RMSNorm commutes with any orthogonal matrix; that is what makes R1 exact.
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def fold_layer_norms(layer: LayerAdapter) -> None:
     """Fold both RMSNorm scales of a decoder layer into the linears they feed."""
-    _fold_scale_into(layer.input_norm, [layer.linear(name) for name in ("q", "k", "v")])
-    _fold_scale_into(layer.post_attention_norm, [layer.linear(name) for name in ("gate", "up")])
+    offset = layer.norm_offset
+    _fold_scale_into(layer.input_norm, [layer.linear(name) for name in ("q", "k", "v")], offset)
+    _fold_scale_into(layer.post_attention_norm, [layer.linear(name) for name in ("gate", "up")], offset)
 
 
 def expand_kv_blocks(blocks: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -116,6 +119,11 @@ def fuse_layer_rotation(
     for linear in (o, down):
         if linear.bias is not None:
             linear.bias.data = (q64.T @ linear.bias.data.to(torch.float64)).to(linear.bias.dtype)
+    # A norm on a sublayer's output (Gemma's post norms) now receives yQ. RMS(yQ) = RMS(y), so
+    # norm(y)·Q = (yQ / RMS(yQ))·Qᵀ·diag(s)·Q: the scale s becomes a d×d matrix (docs/extending.md).
+    for path in layer.output_norm_paths:
+        norm = layer.layer.get_submodule(path)
+        layer.replace(path, RotatedOutputNorm.from_norm(norm, q64, layer.norm_offset))
 
 
 def untie_embeddings(adapter: ModelAdapter) -> bool:
@@ -163,7 +171,7 @@ def merge_boundary_rotations(
         else:
             boundary.append((previous.to(torch.float64).T @ current.to(torch.float64)).to(torch.float32))
 
-    _fold_scale_into(adapter.final_norm, [adapter.lm_head])
+    _fold_scale_into(adapter.final_norm, [adapter.lm_head], adapter.norm_offset)
     lm_head = adapter.lm_head
     if rotations[-1] is not None:
         lm_head.weight.data = _right_multiply(lm_head.weight.data, rotations[-1])
