@@ -388,6 +388,21 @@ def test_boundaries_stay_fp32_in_a_bfloat16_model(tmp_path: Path) -> None:
     assert get_boundary_rotations(in_memory)[1].dtype == torch.float32
 
 
+def test_gemma3_output_norms_are_rebuilt_on_load_and_stay_fp32_in_bfloat16(tmp_path: Path) -> None:
+    model, boundary, expected = rotated_equivalent("gemma3_text")
+    save_model(model, tiny_tokenizer(), tmp_path / "g", boundary=boundary)
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["denoiserotator_output_norm_layers"] == [0, 1, 2]
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), trust_remote_code=True, dtype=dtype)
+        norm = loaded.model.layers[1].post_feedforward_layernorm
+        assert type(norm).__name__ == "RotatedOutputNorm" and norm.weight.shape == (64, 64)
+        assert norm.weight.dtype == torch.float32
+        with torch.no_grad():
+            logits = loaded.eval()(token_ids()).logits
+        assert logits.dtype == dtype and (logits.float() - expected).abs().max() < tolerance
+
+
 def test_cli_reports_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from denoiserotator.files.export import main
 

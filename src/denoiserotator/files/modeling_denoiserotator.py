@@ -63,7 +63,7 @@ class RotatedOutputNorm(nn.Module):
     the rotated yQ once the residual stream is rotated by Q. RMS is rotation-invariant, so the
     original norm(y)·Q equals (yQ / RMS(yQ)) @ Qᵀ·diag(s)·Q with s its elementwise scale: exact,
     at one extra d×d product per token. The matrix keeps the norm's parameter name (`weight`),
-    so a stock class refuses the folder (shape mismatch) instead of loading it wrongly.
+    so a stock class's load report flags the size mismatch instead of loading it as a scale.
     """
 
     def __init__(
