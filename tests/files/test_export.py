@@ -394,7 +394,7 @@ def test_gemma3_output_norms_are_rebuilt_on_load_and_stay_fp32_in_bfloat16(tmp_p
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["denoiserotator_output_norm_layers"] == [0, 1, 2]
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
-        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), trust_remote_code=True, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", trust_remote_code=True, dtype=dtype)
         norm = loaded.model.layers[1].post_feedforward_layernorm
         assert type(norm).__name__ == "RotatedOutputNorm" and norm.weight.shape == (64, 64)
         assert norm.weight.dtype == torch.float32
