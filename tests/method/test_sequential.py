@@ -127,11 +127,14 @@ def _assert_same_run(reference, resumed) -> None:
     ]
 
 
-def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -> None:
+# Families whose processed layers differ in structure from the loaded ones: Phi-3 (split fused
+# linears, saved fused), Gemma 3 (post-norms turned into d×d matrices).
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma3_text"])
+def test_a_killed_run_resumes_from_its_layer_checkpoint(family: str, tmp_path, monkeypatch) -> None:
     settings = PruneSettings(
         pruner="wanda", pattern="50%", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
     )
-    reference_model = tiny_model("mistral", num_layers=3)
+    reference_model = tiny_model(family, num_layers=3)
     ids = calibration(reference_model)
     reference = run_pipeline(reference_model, ids, settings, progress=False)
 
@@ -151,13 +154,13 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
     monkeypatch.setattr(pipeline, "run_layer", dying_run_layer)
     with pytest.raises(RuntimeError, match="node failure"):
         run_pipeline(
-            tiny_model("mistral", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+            tiny_model(family, num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
         )
     monkeypatch.setattr(pipeline, "run_layer", real_run_layer)
     assert (tmp_path / "layer-0001.pt").exists() and not (tmp_path / "layer-0002.pt").exists()
 
     resumed = run_pipeline(
-        tiny_model("mistral", num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
+        tiny_model(family, num_layers=3), ids, settings, progress=False, checkpoint_dir=tmp_path
     )
     _assert_same_run(reference, resumed)
     # Other settings never pick up this checkpoint.
@@ -165,7 +168,7 @@ def test_a_killed_run_resumes_from_its_layer_checkpoint(tmp_path, monkeypatch) -
         pruner="wanda", pattern="2:4", rotation=RotationSettings(steps=4), compute=EVERY_LAYER
     )
     fresh = run_pipeline(
-        tiny_model("mistral", num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
+        tiny_model(family, num_layers=3), ids, other, progress=False, checkpoint_dir=tmp_path
     )
     assert len(fresh.layer_stats) == 3
 

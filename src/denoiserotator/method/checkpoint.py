@@ -148,6 +148,7 @@ class LayerCheckpoint:
         for index in range(done):
             saved = self.load_layer(index)
             place_layer(adapter, index, None, dtype)  # load_state_dict keeps each tensor's dtype
+            adapter.prepare_rotated_structure(index, saved["state"])
             adapter.layers[index].load_state_dict(saved["state"], strict=True)
             rotations.append(saved["rotation"])
             stats.append(saved["record"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 # The linears that share one input, in the true-sequential order of SPEC §5. Pruning takes the
@@ -113,6 +114,20 @@ class ModelAdapter:
                     parent, _, child = path.rpartition(".")
                     split = SplitLinear(module, {name: rows[name] for name in names})
                     setattr(layer.get_submodule(parent) if parent else layer, child, split)
+
+    def prepare_rotated_structure(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Give layer `index` the modules a rotated layer's `state` (its state_dict) has: the
+        sublayer-output norms whose scale became a d×d matrix (`RotatedOutputNorm`, Gemma 3), so a
+        checkpointed layer loads into a freshly loaded model."""
+        from denoiserotator.files.modeling_denoiserotator import RotatedOutputNorm
+
+        layer = self.layer(index)
+        for path in self.output_norm_paths:
+            norm = layer.layer.get_submodule(path)
+            saved = state.get(f"{path}.weight")
+            if saved is not None and saved.ndim == 2 and not isinstance(norm, RotatedOutputNorm):
+                size, device = norm.weight.numel(), norm.weight.device
+                layer.replace(path, RotatedOutputNorm(size, float(norm.eps), saved.dtype, device))
 
     @classmethod
     def stored_linears(cls) -> dict[str, tuple[str, ...]]:
