@@ -112,7 +112,7 @@ def _nll(model: nn.Module, hidden: list[torch.Tensor], ids: torch.Tensor) -> flo
     adapter = get_adapter(model)
     total, count, start = 0.0, 0, 0
     for batch in hidden:
-        logits = adapter.lm_head(adapter.final_norm(batch)).float()
+        logits = adapter.head_logits(batch).float()
         labels = ids[start : start + batch.shape[0], 1:]
         start += batch.shape[0]
         loss = nn.functional.cross_entropy(

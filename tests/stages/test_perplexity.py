@@ -12,7 +12,7 @@ import torch
 from denoiserotator.evaluate import perplexity as perplexity_module
 from denoiserotator.evaluate.perplexity import perplexity
 from denoiserotator.files.text import perplexity_ids
-from denoiserotator.testing import save_tiny_model, tiny_model, tiny_tokenizer
+from denoiserotator.testing import FAMILIES, save_tiny_model, tiny_model, tiny_tokenizer
 
 
 def hand_ppl(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, windows: int) -> float:
@@ -104,18 +104,18 @@ def _orthogonal(size: int, seed: int) -> torch.Tensor:
     return q
 
 
-def _saved(family: str, folder: Path, rotated: bool, tie: bool = False) -> Path:
+def _saved(family: str, folder: Path, rotated: bool, tie: bool = False, **overrides: object) -> Path:
     """A tiny folder; `rotated`: boundary rotations merged into layers 0 and 2 (Rotated* class)."""
     from denoiserotator.files.export import save_model
 
-    model = tiny_model(family, seed=3, num_layers=3, tie=tie)
+    model = tiny_model(family, seed=3, num_layers=3, tie=tie, **overrides)
     boundary = [_orthogonal(64, 1), None, _orthogonal(64, 2)] if rotated else None
     save_model(model, tiny_tokenizer(), folder, boundary=boundary)
     return folder
 
 
 @pytest.mark.parametrize("rotated", [False, True], ids=["plain", "rotated"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_layerwise_perplexity_equals_whole_model(family: str, rotated: bool, tmp_path: Path) -> None:
     """Claim: one decoder layer at a time gives the whole-model forward's perplexity (fp32), for
     every family, plain and with merged boundary rotations (loaded as Rotated*: the hooks act in
@@ -138,6 +138,20 @@ def test_layerwise_perplexity_equals_whole_model(family: str, rotated: bool, tmp
         assert perplexity_module.perplexity_layerwise(model, ids, 40)["nll"] != pytest.approx(
             whole["nll"], rel=1e-4
         )
+
+
+def test_layerwise_perplexity_soft_caps_the_logits_as_the_model_does(tmp_path: Path) -> None:
+    """Gemma-style `final_logit_softcapping` (tanh(z / c)·c after lm_head) in both paths."""
+    from denoiserotator.files.export import load_model
+
+    model, _ = load_model(_saved("gemma3_text", tmp_path / "m", False, final_logit_softcapping=0.5))
+    ids = torch.randint(3, 384, (4 * 40,), generator=torch.Generator().manual_seed(4))
+    whole = perplexity(model, ids, 40, batch_size=2)
+    assert perplexity_module.perplexity_layerwise(model, ids, 40, batch_size=2)["nll"] == pytest.approx(
+        whole["nll"], rel=1e-6
+    )
+    model.config.final_logit_softcapping = None
+    assert perplexity(model, ids, 40, batch_size=2)["nll"] != pytest.approx(whole["nll"], rel=1e-3)
 
 
 def test_layerwise_perplexity_in_bfloat16_keeps_rotary_frequencies(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def perplexity_layerwise(
         for states, part in zip(hidden, groups, strict=True):
             batches = part.split(min(batch_size, part.shape[0]))
             for state, batch in zip(states, batches, strict=True):
-                logits = adapter.lm_head(adapter.final_norm(state))
+                logits = adapter.head_logits(state)
                 window_nll += _window_nll(logits, batch.to(torch_device))
     finally:
         model.to("cpu")

@@ -191,6 +191,13 @@ class ModelAdapter:
     def lm_head(self) -> nn.Linear:
         return self.model.get_submodule(self.lm_head_path)
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the last decoder layer's output: final norm, lm_head, and the
+        soft-capping tanh(z / c)·c of families that set `final_logit_softcapping` (Gemma)."""
+        logits = self.lm_head(self.final_norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     @property
     def tied_embeddings(self) -> bool:
         return self.lm_head.weight is self.embedding.weight
