@@ -229,6 +229,14 @@ def test_demo_plans_exactly_the_demo_grid(fresh: Path) -> None:
     assert models == {"smollm2-135m"}
 
 
+def test_the_rotation_gain_study_plans_the_demos_pruning_grid_without_lora_or_zeroshot(fresh: Path) -> None:
+    """config/studies/rotation-gain.yaml (docs/studies.md, "Does the rotation help?")."""
+    overlay = ("config/demo.yaml", "config/studies/rotation-gain.yaml")
+    counts, outputs = dry_run(fresh, "results/tables/main.csv", "--configfile", *overlay)
+    assert counts["prune"] == 9 and counts["perplexity"] == counts["sparsity"] == 10
+    assert "finetune" not in counts and "zeroshot" not in counts
+
+
 def test_paper_grid_plans_gpu_jobs(fresh: Path) -> None:
     proc = snakemake(fresh, "-n", "results/tables/main.csv")
     log = proc.stdout + proc.stderr
