@@ -86,3 +86,11 @@ def test_the_commented_example_entries_of_the_paper_grid_plan_as_their_comments_
         assert list(Experiment(merged_config("test.yaml", models=[entry])).models) == [entry["slug"]]
     with pytest.raises(SettingsError, match="Gemma3ForConditionalGeneration is refused: a multimodal"):
         Experiment(merged_config("test.yaml", models=[entries[3]]))
+
+
+def test_a_config_json_naming_no_architecture_leaves_the_decision_to_the_next_source(tmp_path: Path) -> None:
+    (tmp_path / "placeholder").mkdir()
+    (tmp_path / "placeholder" / "config.json").write_text("{}")
+    Experiment(_with_model(source=f"local:{tmp_path / 'placeholder'}"))
+    with pytest.raises(SettingsError, match="Gemma2ForCausalLM is refused"):
+        Experiment(_with_model(source=f"local:{tmp_path / 'placeholder'}", architecture="Gemma2ForCausalLM"))

@@ -41,9 +41,10 @@ def known_config(entry: ModelEntry, fetched_dir: str) -> tuple[SimpleNamespace, 
     for path in candidates:
         if path.is_file():
             config = json.loads(path.read_text())
-            return SimpleNamespace(
-                architectures=config.get("architectures"), model_type=config.get("model_type")
-            ), str(path)
+            # a config.json naming neither (a placeholder) decides nothing: the next source does
+            if config.get("architectures") or config.get("model_type"):
+                named = {key: config.get(key) for key in ("architectures", "model_type")}
+                return SimpleNamespace(**named), str(path)
     if entry.architecture:
         return SimpleNamespace(architectures=[entry.architecture], model_type=None), "its architecture key"
     return None
