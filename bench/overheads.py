@@ -74,6 +74,23 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _median_forward_seconds(
+    models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Median seconds of a forward of each model on `ids`, after one warm-up each; the runs are
+    interleaved so that a busy machine slows every model alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(ids)
+        for _ in range(repeats):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(ids)
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def forward_times(args: argparse.Namespace) -> dict[str, Any]:
     from denoiserotator.files.assets import fetch_smollm2
     from denoiserotator.files.export import load_model
@@ -91,20 +108,12 @@ def forward_times(args: argparse.Namespace) -> dict[str, Any]:
     unmerged, _ = load_model(model_dir)
     run_pipeline(unmerged, ids[:, :64].repeat(2, 1), settings, progress=False, merge_boundaries=False)
     models = {"unrotated": plain.eval(), "merged": merged.eval(), "unmerged": unmerged.eval()}
-    times: dict[str, list[float]] = {name: [] for name in models}
+    medians = _median_forward_seconds(models, ids, args.repeats)
     with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model(ids)
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                started = time.perf_counter()
-                model(ids)
-                times[name].append(time.perf_counter() - started)
         reference = models["unrotated"](ids).logits
         max_diff = {
             name: float((model(ids).logits - reference).abs().max()) for name, model in models.items()
         }
-    medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "tokens": args.forward_tokens,
         "repeats": args.repeats,
@@ -132,17 +141,9 @@ def family_forward_times(args: argparse.Namespace) -> dict[str, Any]:
                               progress=False)  # fmt: skip
         merged = attach_boundary_rotations(result.model, result.boundary)
         models = {"unrotated": plain.eval(), "merged": merged.eval()}
-        times: dict[str, list[float]] = {name: [] for name in models}
+        medians = _median_forward_seconds(models, ids, args.repeats)
         with torch.inference_mode():
-            for model in models.values():
-                model(ids)
-            for _ in range(args.repeats):
-                for name, model in models.items():
-                    started = time.perf_counter()
-                    model(ids)
-                    times[name].append(time.perf_counter() - started)
             difference = float((merged(ids).logits - plain(ids).logits).abs().max())
-        medians = {name: statistics.median(values) for name, values in times.items()}
         ratio = medians["merged"] / medians["unrotated"]
         out[family] = {"median_seconds": medians, "merged_over_unrotated": ratio,
                        "max_logit_difference": difference}  # fmt: skip

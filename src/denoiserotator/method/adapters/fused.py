@@ -56,20 +56,6 @@ class SplitLinear(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.part(name)(hidden) for name in self.part_names], dim=-1)
 
-    def fused(self) -> nn.Linear:
-        """One `nn.Linear` holding the blocks' current weights (and biases), stacked in order."""
-        parts = [self.part(name) for name in self.part_names]
-        first = parts[0].weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=parts[0].bias is not None, device="meta")
-        linear.weight = nn.Parameter(
-            torch.cat([p.weight.data for p in parts]), requires_grad=first.requires_grad
-        )
-        if parts[0].bias is not None:
-            linear.bias = nn.Parameter(
-                torch.cat([p.bias.data for p in parts]), requires_grad=parts[0].bias.requires_grad
-            )
-        return linear
-
 
 def _fuse_state(module: SplitLinear, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
     for kind in ("weight", "bias"):
