@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from bench.common import study_parser  # noqa: E402
+from bench.common import study_parser, write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,116 +207,223 @@ def best_within(curve: Curve, seconds: float) -> float:
     return min(loss for t, _, loss in curve if t <= seconds)
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """`name` or `name:key=value,key=value` (values as YAML) → (name, RotationSettings overrides)."""
+    name, _, body = text.partition(":")
+    overrides = {}
+    items, depth, current = [], 0, ""
+    for char in body + ",":  # commas inside brackets belong to a value
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    for item in filter(None, items):
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+def _paper_run(problem: Any, args: argparse.Namespace, key: str) -> dict[str, Any]:
+    """The paper recipe on `problem`; with --reuse-paper, read from / written to the cache (for
+    exploring variants; the committed reports run it in the same invocation)."""
+    from denoiserotator.settings import RotationSettings
+
+    stash = Path(args.cache) / "bench" / f"rotation_speed_paper_{key}_{args.paper_steps}.json"
+    if args.reuse_paper and stash.exists():
+        return json.loads(stash.read_text())
+    torch.manual_seed(0)
+    paper = timed_run(problem, RotationSettings(steps=args.paper_steps, optimizer="paper"))
+    if args.reuse_paper:
+        stash.parent.mkdir(parents=True, exist_ok=True)
+        stash.write_text(json.dumps(paper))
+    return paper
+
+
 def compare(data: dict[str, Any], score: str, args: argparse.Namespace) -> dict[str, Any]:
     from denoiserotator.method.rotation.problem import LayerProblem
+    from denoiserotator.method.rotation.train import train_rotation
     from denoiserotator.settings import RotationSettings
 
     problem = LayerProblem.from_layer(
         data["weights"], data["grams"], score, data["num_heads"], data["num_kv_heads"], data["head_dim"]
     )
-    torch.manual_seed(0)
-    paper = timed_run(problem, RotationSettings(steps=args.paper_steps, optimizer="paper"))
-    print(json.dumps({score: {"paper": paper["log_line"]}}), file=sys.stderr, flush=True)
-    limit = paper["seconds"] if args.same_time else None
-    torch.manual_seed(0)
-    fast = timed_run(problem, RotationSettings(steps=args.max_steps, optimizer="cayley"), time_limit=limit)
-    print(json.dumps({score: {"cayley": fast["log_line"]}}), file=sys.stderr, flush=True)
+    key = hashlib.sha256(f"{data['source']}/{score}".encode()).hexdigest()[:12]
+    paper = _paper_run(problem, args, key)
+    print(json.dumps({data["source"]: {score: {"paper": paper["log_line"]}}}), file=sys.stderr, flush=True)
     target = paper["loss_best"]
     time_paper = first_time_at_or_below(paper["curve"], target)
-    time_fast = first_time_at_or_below(fast["curve"], target)
     cpu_paper = first_time_at_or_below(paper["curve"], target, column=1)
-    cpu_fast = first_time_at_or_below(fast["curve"], target, column=1)
-    within = best_within(fast["curve"], paper["seconds"])
-    for run in (paper, fast):
-        run["curve_columns"] = ["wall_seconds", "cpu_seconds", "shared_loss"]
-        run["curve"] = [[round(t, 4), round(c, 4), round(loss, 3)] for t, c, loss in run["curve"]]
-    return {
+    limit = paper["seconds"] * args.time_fraction if args.same_time else None
+    rows: dict[str, Any] = {
         "paper": paper,
-        "cayley": fast,
         "target_loss": target,
         "target": f"best shared-loss value of the paper recipe within {args.paper_steps} steps",
         "paper_seconds_to_target": time_paper,
-        "cayley_seconds_to_target": time_fast,
-        "cayley_steps_to_target": next(i for i, row in enumerate(fast["curve"]) if row[2] <= target)
-        if time_fast is not None
-        else None,
-        "speedup_to_equal_loss": None if time_fast is None else time_paper / time_fast,
-        "speedup_to_equal_loss_cpu_time": None if cpu_fast is None else cpu_paper / cpu_fast,
-        "seconds_per_step_ratio_paper_over_cayley": paper["seconds_per_step"] / fast["seconds_per_step"],
-        "paper_best_after_its_time": paper["loss_best"],
-        "cayley_best_within_paper_time": within,
-        "cayley_lower_at_equal_time": within < paper["loss_best"],
+        "variants": {},
     }
+    for variant in args.variants:
+        name, overrides = parse_variant(variant)
+        settings = RotationSettings(steps=args.max_steps, optimizer="cayley").replace(**overrides)
+        # Untimed: the compiled entropy kernel is built once per shape and process (seconds), as in
+        # a prune job, whose 30+ layers share the shapes.
+        train_rotation(problem, settings.replace(steps=2, tol=0.0), progress=False)
+        torch.manual_seed(0)
+        fast = timed_run(problem, settings, time_limit=limit)
+        print(json.dumps({score: {name: fast["log_line"]}}), file=sys.stderr, flush=True)
+        time_fast = first_time_at_or_below(fast["curve"], target)
+        cpu_fast = first_time_at_or_below(fast["curve"], target, column=1)
+        fast["settings"] = overrides
+        rows["variants"][name] = {
+            "run": fast,
+            "seconds_to_target": time_fast,
+            "steps_to_target": next(i for i, row in enumerate(fast["curve"]) if row[2] <= target)
+            if time_fast is not None
+            else None,
+            "speedup_to_equal_loss": None if time_fast is None else time_paper / time_fast,
+            "speedup_to_equal_loss_cpu_time": None if cpu_fast is None else cpu_paper / cpu_fast,
+            "seconds_per_step_ratio_paper_over_variant": paper["seconds_per_step"] / fast["seconds_per_step"],
+            "best_within_paper_time": best_within(fast["curve"], paper["seconds"]),
+            "final_over_target": fast["loss_best"] / target,
+        }
+    for run in [paper] + [row["run"] for row in rows["variants"].values()]:
+        if run.get("curve_columns"):
+            continue  # a cached paper run is rounded already
+        run["curve_columns"] = ["wall_seconds", "cpu_seconds", "shared_loss"]
+        run["curve"] = [[round(t, 4), round(c, 4), round(loss, 3)] for t, c, loss in run["curve"]]
+    return rows
+
+
+def summarise(layers: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """Per variant: the smallest speed-up over every layer and score (None: some run never reached
+    its target), the layer where it occurs, and the stop reasons seen."""
+    summary = {}
+    for variant in variants:
+        name = parse_variant(variant)[0]
+        cells = [(layer, score, row["variants"][name]) for layer, scores in layers.items()
+                 for score, row in scores.items()]  # fmt: skip
+        speedups = [cell["speedup_to_equal_loss"] for *_, cell in cells]
+        reached = [s for s in speedups if s is not None]
+        worst = min(cells, key=lambda c: c[2]["speedup_to_equal_loss"] or 0.0)
+        summary[name] = {
+            "min_speedup_to_equal_loss": None if None in speedups else min(reached),
+            "median_speedup_to_equal_loss": sorted(reached)[len(reached) // 2] if reached else None,
+            "runs_not_reaching_target": len(speedups) - len(reached),
+            "slowest": f"layer {worst[0]}, {worst[1]}",
+            "stops": sorted({cell["run"]["stop"] for *_, cell in cells}),
+            "max_final_over_target": max(cell["final_over_target"] for *_, cell in cells),
+        }
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.synthetic_llama8b:
-        data = synthetic_layer_data(device=args.device)
-    else:
-        data = real_layer_data(args.cache, args.layer, args.nsamples, args.seqlen)
-        data["weights"] = {name: w.to(device) for name, w in data["weights"].items()}
-        data["grams"] = {name: g.to(device) for name, g in data["grams"].items()}
     report: dict[str, Any] = {
-        "layer": data["source"],
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "dtype": "float32",
+        "cpu": _cpu_model(),
+        "dtype": "float32 (the variants' matmul_precision aside)",
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average_before": list(os.getloadavg()),
         "paper": f"optimizer 'paper': QR parametrisation, Adam lr 0.01, clip 1.0, {args.paper_steps} steps",
-        "cayley": "optimizer 'cayley' (default settings), fused loss; stops by its own rule"
-        + (" or at the paper run's wall time" if args.same_time else ""),
-        "scores": {},
+        "variants": {parse_variant(v)[0]: parse_variant(v)[1] for v in args.variants},
+        "variant_runs": "optimizer 'cayley' with the defaults and the overrides listed, fused loss; stops "
+        "by its own rule"
+        + (f" or at {args.time_fraction:g} x the paper run's wall time" if args.same_time else ""),
+        "layers": {},
     }
-    for score in args.scores:
-        report["scores"][score] = compare(data, score, args)
-    speedups = [row["speedup_to_equal_loss"] for row in report["scores"].values()]
-    report["min_speedup_to_equal_loss"] = None if None in speedups else min(speedups)
+    layer_sources = {}
+    for layer in ["synthetic"] if args.synthetic_llama8b else args.layers:
+        if args.synthetic_llama8b:
+            data = synthetic_layer_data(device=args.device)
+        else:
+            data = real_layer_data(args.cache, layer, args.nsamples, args.seqlen)
+            data["weights"] = {name: w.to(device) for name, w in data["weights"].items()}
+            data["grams"] = {name: g.to(device) for name, g in data["grams"].items()}
+        layer_sources[str(layer)] = data["source"]
+        report["layers"][str(layer)] = {score: compare(data, score, args) for score in args.scores}
+    report["layer_sources"] = layer_sources
+    report["summary"] = summarise(report["layers"], args.variants)
     report["load_average_after"] = list(os.getloadavg())
     return report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Loss over the paper recipe's 400-step loss against wall seconds: one panel per score, every
+    sampled layer a line per run (paper dashed), the target at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = sorted({score for cells in report["layers"].values() for score in cells})
+    figure, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4.5), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, score in zip(axes[0], scores, strict=True):
+        for cells in report["layers"].values():
+            row = cells[score]
+            runs = [("paper (QR, Adam, 400 steps)", row["paper"], "--", "black")]
+            runs += [(name, cell["run"], "-", colours[i % len(colours)])
+                     for i, (name, cell) in enumerate(row["variants"].items())]  # fmt: skip
+            for label, run, style, colour in runs:
+                seconds = [t for t, _, _ in run["curve"]]
+                ratio = [min(loss for *_, loss in run["curve"][: i + 1]) / row["target_loss"]
+                         for i in range(len(run["curve"]))]  # fmt: skip
+                axis.plot(seconds, ratio, style, color=colour, linewidth=0.8, alpha=0.7, label=label)
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        axis.legend(unique.values(), unique.keys(), fontsize=8)
+        axis.axhline(1.0, color="grey", linewidth=0.5)
+        axis.set(xscale="log", ylim=(0.95, 1.3), xlabel="wall seconds (log)")
+        axis.set_title(f"{score}: every sampled layer")
+        axis.set_ylabel("best loss / paper's 400-step loss")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
-    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument("--layers", type=int, nargs="+", default=[10])
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--scores", nargs="+", default=["wanda", "sparsegpt"])
+    parser.add_argument("--variants", nargs="+", default=["default"],
+                        help="cayley variants: name or name:key=value,... (RotationSettings overrides)")
     parser.add_argument("--paper-steps", type=int, default=400)
-    parser.add_argument("--max-steps", type=int, default=2000, help="most steps of the new default")
+    parser.add_argument("--max-steps", type=int, default=2000, help="most steps of a variant")
     parser.add_argument("--same-time", action=argparse.BooleanOptionalAction, default=True,
-                        help="stop (b) once it has used (a)'s wall time")
+                        help="stop a variant once it has used --time-fraction of the paper run's wall time")
+    parser.add_argument("--time-fraction", type=float, default=1.0)
+    parser.add_argument("--reuse-paper", action="store_true",
+                        help="cache the paper runs under --cache (exploration only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--synthetic-llama8b", action="store_true",
-                        help="a random LLaMA-3-8B-shaped layer instead of the real SmolLM2 one")
-    parser.add_argument("--update", action="store_true",
-                        help="merge the scores run now into an existing --out file")
+                        help="a random LLaMA-3-8B-shaped layer instead of the real SmolLM2 ones")
+    parser.add_argument("--plot", type=Path, default=None, help="also plot loss against seconds here (png)")
     args = parser.parse_args(argv)
     report = run(args)
-    if args.update and args.out and args.out.exists():
-        # Merge into an earlier report (scores run as separate invocations).
-        earlier = json.loads(args.out.read_text())
-        earlier["scores"].update(report["scores"])
-        earlier.setdefault("runs", []).append({key: report[key] for key in report if key != "scores"})
-        speedups = [row["speedup_to_equal_loss"] for row in earlier["scores"].values()]
-        earlier["min_speedup_to_equal_loss"] = None if None in speedups else min(speedups)
-        report = earlier
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        summary = {
-            score: {key: row[key] for key in ("speedup_to_equal_loss", "cayley_lower_at_equal_time")}
-            for score, row in report["scores"].items()
-        }
-        print(json.dumps(summary, indent=2))
-    else:
-        print(text)
+    write_report(report, args.out, echo=False)
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report["summary"], indent=2))
 
 
 if __name__ == "__main__":

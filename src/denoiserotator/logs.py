@@ -48,15 +48,16 @@ def log_to(path: str, threads: int | None = None, offline_hub: bool = False) -> 
 
 def rotation_summary(record: dict) -> str:
     """A layer's rotation training in words (`RotationResult.summary()` keys), e.g.
-    `loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped: converged, damping 0.1`:
-    the stop reason when training ended before `steps`, and the SparseGPT statistic's damping
+    `loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped: plateau, damping 0.1`:
+    why training stopped (plateau, step budget, ...), and the SparseGPT statistic's damping
     when an indefinite Gram forced it above the pruner's 1 %."""
     start, best = record["entropy_before"], record["entropy_after"]
     drop = 100.0 * (best - start) / start if start else 0.0
     line = (f"loss {start:.4g} → {best:.4g} ({drop:+.1f}%), {record.get('rotation_steps')} steps "
             f"(best at {record.get('rotation_best_step')})")  # fmt: skip
-    if record.get("rotation_stop") not in (None, "steps"):
-        line += f", stopped: {record['rotation_stop']}"
+    stop = record.get("rotation_stop")
+    if stop is not None:  # "steps": the name before "step budget"
+        line += f", stopped: {'step budget' if stop == 'steps' else stop}"
     if (record.get("rotation_damping") or 0.0) > 0.01:
         line += f", damping {record['rotation_damping']:g}"
     return line

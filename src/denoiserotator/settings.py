@@ -322,27 +322,35 @@ class RotationSettings(StageSettings):
         "the same loss computed fused (fast); lbfgs: Riemannian L-BFGS with backtracking; paper: "
         "SPEC §4 as written (Adam on the matrices behind QR, lr, betas, clip, exactly `steps`)",
     )
-    tangent_lr: Float = setting(0.02, "cayley: step, in radians per skew coordinate", gt=0)
+    tangent_lr: Float = setting(0.015, "cayley: step, in radians per skew coordinate", gt=0)
     tangent_betas: tuple[Decay, Decay] = setting(
-        (0.8, 0.99), "cayley: Adam's moment decays in the tangent space"
+        (0.95, 0.99), "cayley: Adam's moment decays in the tangent space"
     )
     backoff: Int = setting(
         10,
-        "cayley: after this many steps without a new best, return to the best iterate and halve the "
-        "step (0: never)",
+        "cayley: after this many steps without a new best, return to the best iterate (and Adam's moments "
+        "there) and halve the step (0: never)",
         ge=0,
     )
-    matmul_precision: Literal["highest", "high"] = setting(
+    matmul_precision: Literal["highest", "high", "medium"] = setting(
         "high",
-        "on a CUDA device: float32 matmul precision inside the loss and its gradient "
-        "(torch.set_float32_matmul_precision; high = TF32 tensor cores, within 1e-3 of fp32 per "
-        "bench/gpu_check.py; highest = fp32). Retractions and QR stay fp32; on a CPU always fp32",
+        "float32 matmul precision inside the loss and its gradient (torch.set_float32_matmul_precision): "
+        "highest = fp32; high = TF32 tensor cores on a CUDA device (within 1e-3 of fp32 per "
+        "bench/gpu_check.py), fp32 on a CPU; medium = the weight products (W·R1, R1ᵀ·W) in bf16, "
+        "on a CUDA device and on a CPU with bf16 matmul units (AMX, AVX512-BF16; others: fp32, with a "
+        "warning), the rest as high (statistics products, retractions and QR stay fp32)",
     )
     rise_limit: Float = setting(
         0.01,
         "cayley: a step whose loss exceeds the best so far by more than this fraction backs off at "
         "once (back to the best iterate, half the step) instead of after `backoff` steps",
         gt=0,
+    )
+    max_halvings: Int = setting(
+        8,
+        "cayley: back-offs allowed; one more means no descent at 1/2^max_halvings of the step "
+        "(stop reason: step floor)",
+        ge=0,
     )
     history: Int = setting(20, "lbfgs: pairs of steps and gradient changes kept", ge=1)
     first_step: Float = setting(0.05, "lbfgs: Frobenius norm of a steepest-descent step", gt=0)
@@ -360,7 +368,7 @@ class RotationSettings(StageSettings):
     # The knobs each optimizer reads; the others cannot change its result.
     OPTIMIZER_KNOBS: ClassVar[dict[str, tuple[str, ...]]] = {
         "paper": ("lr", "betas", "clip"),
-        "cayley": ("tangent_lr", "tangent_betas", "backoff", "rise_limit", "patience", "tol"),
+        "cayley": ("tangent_lr", "tangent_betas", "backoff", "rise_limit", "max_halvings", "patience", "tol"),
         "lbfgs": ("history", "first_step", "max_backtracks", "patience", "tol"),
     }
 

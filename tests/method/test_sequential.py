@@ -424,6 +424,7 @@ def test_each_layer_logs_one_readable_line_with_the_time_left(caplog: pytest.Log
     assert len(lines) == 3
     pattern = (
         r"layer (\d)/3: loss ([0-9.e+]+) → ([0-9.e+]+) \(([+-][0-9.]+)%\), 3 steps \(best at \d\), "
+        r"stopped: step budget, "
         r"sparsity 0\.500, [0-9.]+ s; (~[0-9.]+ (s|min|h) left|done in [0-9.]+ (s|min|h))"
     )
     for index, (line, stats) in enumerate(zip(lines, result.layer_stats, strict=True)):

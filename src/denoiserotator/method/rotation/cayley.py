@@ -1,5 +1,5 @@
 """Adam in the tangent space of the orthogonal group with the Cayley retraction, on the fused loss;
-backs off to the best iterate."""
+backs off to the best iterate with the step really halved, and stops at a measured plateau."""
 
 from __future__ import annotations
 
@@ -17,6 +17,58 @@ from denoiserotator.settings import RotationSettings
 
 log = logging.getLogger(__name__)
 
+# Stop reasons, as the per-layer lines print them.
+STOP_BUDGET = "step budget"
+STOP_PLATEAU = "plateau"
+
+
+class _TangentAdam:
+    """Adam's moments for the skew tangents of R1 and R2 (one pair per factor).
+
+    `snapshot()` / `restore()` keep the moments as they were right after the best iterate's
+    update, so a back-off repeats the move made from the best iterate at a smaller scale instead
+    of restarting Adam (fresh moments make the next move a sign step, larger than any before).
+    """
+
+    def __init__(self, shapes: list[torch.Tensor], betas: tuple[float, float], eps: float = 1e-8) -> None:
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.first = [torch.zeros_like(x) for x in shapes]
+        self.second = [torch.zeros_like(x) for x in shapes]
+        self.count = 0
+
+    def update(self, tangents: list[torch.Tensor]) -> None:
+        self.count += 1
+        for first, second, g in zip(self.first, self.second, tangents, strict=True):
+            first.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+            second.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+
+    def moves(self, lr: float) -> list[torch.Tensor]:
+        """The bias-corrected Adam moves at step size `lr` (skew: the elementwise scaling of a
+        skew matrix by a symmetric one is skew)."""
+        c1, c2 = 1 - self.beta1**self.count, 1 - self.beta2**self.count
+        return [
+            first / (second / c2).sqrt().add_(self.eps) * (-lr / c1)
+            for first, second in zip(self.first, self.second, strict=True)
+        ]
+
+    def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        return [m.clone() for m in self.first], [v.clone() for v in self.second], self.count
+
+    def restore(self, saved: tuple[list[torch.Tensor], list[torch.Tensor], int]) -> None:
+        self.first = [m.clone() for m in saved[0]]
+        self.second = [v.clone() for v in saved[1]]
+        self.count = saved[2]
+
+
+def _capped(moves: list[torch.Tensor], limits: list[float]) -> list[torch.Tensor]:
+    """Each move scaled down, if needed, to Frobenius norm at most its limit."""
+    out = []
+    for move, limit in zip(moves, limits, strict=True):
+        norm = float(torch.linalg.vector_norm(move))
+        out.append(move * (limit / norm) if norm > limit > 0 else move)
+    return out
+
 
 def _train_cayley(
     problem: LayerProblem,
@@ -27,24 +79,28 @@ def _train_cayley(
 ) -> RotationResult:
     """Adam in the body frame of O(d) × O(hd)^n_kv with the Cayley retraction.
 
-    One loss and gradient evaluation per step. Iterates are float32 products of Cayley
-    factors, re-orthonormalised every 50 steps (drift stays ~1e-6).
+    One loss and gradient evaluation per step. Iterates are float32 products of Cayley factors,
+    re-orthonormalised every 50 steps; the returned best iterate once more, in float64.
+
+    Back-off (after `backoff` steps without a new best, or at once when the loss rises by more
+    than `rise_limit`): back to the best iterate, Adam's moments as they were there, half the step;
+    the first move after it is at most half the last move before it. Stop reasons: "plateau" (the
+    best loss improved by less than `tol` (relative) over the last `patience` steps, none of which
+    followed a back-off, i.e. measured at a constant step), "step floor" (`max_halvings` back-offs
+    found no descent), "step budget" (`steps` reached), "callback", "non-finite loss/gradient".
     """
     start = time.perf_counter()
     rotation, blocks = problem.identity()
     loss_fn = _loss_function(problem, settings)
     device = rotation.device
     learn_blocks = settings.learn_r2
-    beta1, beta2, eps = *settings.tangent_betas, 1e-8
-    first = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
-    second = [torch.zeros_like(rotation), torch.zeros_like(blocks)]
+    adam = _TangentAdam([rotation, blocks] if learn_blocks else [rotation], settings.tangent_betas)
     progress = _BestIterate((rotation, blocks), description)
-    # Back-off: after `backoff` steps without a new best, return to the best iterate with fresh
-    # moments and half the step (a fixed step that overshoots otherwise keeps raising the loss).
-    step_scale, since_best, moment_step = 1.0, 0, 0
+    at_best = adam.snapshot()
+    step_scale, since_best, halvings, window_start = 1.0, 0, 0, 0
+    last_norms: list[float] = []
     best_trace: list[float] = []
-    best_tangent: list[torch.Tensor] = []
-    stop = "steps"
+    stop = STOP_BUDGET
     steps_run = 0
     for step in range(settings.steps + 1):
         r = rotation.detach().requires_grad_(True)
@@ -65,20 +121,22 @@ def _train_cayley(
         if requested:
             stop = "callback"
             break
-        if settings.tol > 0 and step >= settings.patience:
+        if settings.tol > 0 and step - window_start >= settings.patience:
             if best_trace[step - settings.patience] - best_loss < settings.tol * abs(best_loss):
-                stop = "converged"
+                stop = STOP_PLATEAU
                 break
         # A loss that jumps above the best (a step that overshot a sharp valley) backs off at
         # once; waiting `backoff` steps would spend them climbing back down.
         jumped = value - best_loss > settings.rise_limit * abs(best_loss)
         if jumped or (settings.backoff and since_best >= settings.backoff):
-            step_scale, since_best, moment_step = step_scale / 2, 0, 0
+            if halvings == settings.max_halvings:
+                stop = "step floor"
+                break
+            halvings += 1
+            step_scale, since_best, window_start = step_scale / 2, 0, step
             rotation, blocks = progress.best[0].clone(), progress.best[1].clone()
-            for moment in (*first, *second):
-                moment.zero_()
-            # The best iterate's gradient was computed when it was reached: no second evaluation.
-            tangent = best_tangent
+            adam.restore(at_best)
+            moves = _capped(adam.moves(settings.tangent_lr * step_scale), [n / 2 for n in last_norms])
         else:
             with loss_matmul_precision(settings.matmul_precision, device):
                 grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
@@ -86,27 +144,20 @@ def _train_cayley(
                 log.warning("%s: non-finite gradient at step %d; stopping early", description, step)
                 stop = "non-finite gradient"
                 break
-            tangent = [_skew(rotation.T @ grads[0])]
+            tangents = [_skew(rotation.T @ grads[0])]
             if learn_blocks:
-                tangent.append(_skew(blocks.transpose(-1, -2) @ grads[1]))
+                tangents.append(_skew(blocks.transpose(-1, -2) @ grads[1]))
+            adam.update(tangents)
             if improved:
-                best_tangent = tangent
-        t = step + 1
-        moment_step += 1
-        moves = []
-        for index, g in enumerate(tangent):
-            first[index].mul_(beta1).add_(g, alpha=1 - beta1)
-            second[index].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denominator = (second[index] / (1 - beta2**moment_step)).sqrt_().add_(eps)
-            # the skew part: Adam's elementwise scaling of a skew matrix is skew already
-            lr = settings.tangent_lr * step_scale
-            moves.append(first[index] / denominator * (-lr / (1 - beta1**moment_step)))
+                at_best = adam.snapshot()
+            moves = adam.moves(settings.tangent_lr * step_scale)
+        last_norms = [float(torch.linalg.vector_norm(move)) for move in moves]
         rotation = cayley_retract(rotation, moves[0])
         if learn_blocks:
             blocks = cayley_retract(blocks, moves[1])
-        if t % 50 == 0:
+        steps_run = step + 1
+        if steps_run % 50 == 0:
             rotation, blocks = _orthonormalised(rotation), _orthonormalised(blocks)
-        steps_run = t
         bar.update(1)
         bar.set_postfix(loss=f"{value:.2f}", best=f"{best_loss:.2f}")
 

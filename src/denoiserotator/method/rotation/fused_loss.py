@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -28,12 +30,19 @@ class FusedLayerLoss:
     - the SparseGPT inverse is factored once (`InputStatistic.from_gram`).
     """
 
-    def __init__(self, problem: LayerProblem, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, problem: LayerProblem, dtype: torch.dtype = torch.float32, bf16_products: bool = False
+    ) -> None:
+        """`bf16_products`: the two weight products (W·Q for the stacked input-side weights,
+        Qᵀ·[W_o | W_down]) and their gradients take bf16 operands, accumulated in fp32 (the
+        weights are rounded once, here). The statistics' products stay in `dtype`: H_λ⁻¹ is
+        ill-conditioned, and bf16 operands there can make a rotated diagonal non-positive."""
         w = {name: weight.to(dtype) for name, weight in problem.weights.items()}
+        self.operand_dtype = torch.bfloat16 if bf16_products else dtype
         self.num_heads, self.num_kv_heads = problem.num_heads, problem.num_kv_heads
         self.head_dim = problem.head_dim
         # Row blocks sharing a column factor are adjacent, so they are views of one product.
-        self.stacked = torch.cat([w["q"], w["k"], w["gate"], w["up"], w["v"]])
+        self.stacked = torch.cat([w["q"], w["k"], w["gate"], w["up"], w["v"]]).to(self.operand_dtype)
         self.sizes = [
             w["q"].shape[0] + w["k"].shape[0],
             w["gate"].shape[0] + w["up"].shape[0],
@@ -61,7 +70,7 @@ class FusedLayerLoss:
                 columns = matrix.view(matrix.shape[0], heads, hd).transpose(0, 1)
                 self.o_blocks = columns.transpose(-1, -2) @ columns
         self.o_width = w["o"].shape[1]
-        self.right = torch.cat([w["o"], w["down"]], dim=1)  # Qᵀ [W_o | W_down]
+        self.right = torch.cat([w["o"], w["down"]], dim=1).to(self.operand_dtype)  # Qᵀ [W_o | W_down]
 
     def __call__(self, rotation: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -77,7 +86,7 @@ class FusedLayerLoss:
         # v: R2vᵀ (W_v Q), one hd×hd block per KV head
         v = (blocks.transpose(-1, -2) @ z_v.view(kv, hd, -1)).reshape(kv * hd, -1)
         # o: (Qᵀ W_o) R2o, one block per query head (repeat_kv order); down: Qᵀ W_down
-        left = rotation.T @ self.right
+        left = _RightProduct.apply(rotation, self.right)
         hidden = left.shape[0]
         expanded = expand_kv_blocks(blocks, heads)
         o_left = left[:, : self.o_width].reshape(hidden, heads, hd).transpose(0, 1)
@@ -106,14 +115,17 @@ def _symmetric_matrix(statistic: InputStatistic, dtype: torch.dtype) -> torch.Te
 
 class _StackedProduct(torch.autograd.Function):
     """The row blocks of `stacked @ rotation` (sizes `sizes`), as views of one matmul; the
-    backward accumulates Σ_k W_kᵀ dZ_k into one buffer instead of concatenating the dZ_k."""
+    backward accumulates Σ_k W_kᵀ dZ_k into one buffer instead of concatenating the dZ_k
+    (measured: the same time either way)."""
 
     @staticmethod
     def forward(ctx, rotation, stacked, sizes):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(stacked)
         ctx.sizes = sizes
-        return tuple(torch.split(stacked @ rotation, sizes))
+        ctx.dtype = rotation.dtype
+        product = (stacked @ rotation.to(stacked.dtype)).to(rotation.dtype)
+        return tuple(torch.split(product, sizes))
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
@@ -122,11 +134,27 @@ class _StackedProduct(torch.autograd.Function):
         for block, grad in zip(torch.split(stacked, ctx.sizes), grads, strict=True):
             if grad is None:
                 continue
-            if grad_rotation is None:
-                grad_rotation = block.T @ grad
-            else:
-                grad_rotation.addmm_(block.T, grad)
+            term = block.T @ grad.to(block.dtype)
+            # bf16 products: each block's term is rounded once, then summed in the rotation's dtype
+            grad_rotation = term.to(ctx.dtype) if grad_rotation is None else grad_rotation.add_(term)
         return grad_rotation, None, None
+
+
+class _RightProduct(torch.autograd.Function):
+    """Qᵀ·W for the output-side weights W = [W_o | W_down], in W's dtype (bf16 operands for
+    `bf16_products`), returned and differentiated in Q's dtype."""
+
+    @staticmethod
+    def forward(ctx, rotation, right):  # type: ignore[override]
+        ctx.save_for_backward(right)
+        ctx.dtype = rotation.dtype
+        return (rotation.to(right.dtype).T @ right).to(rotation.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (right,) = ctx.saved_tensors
+        # d(QᵀW)/dQ: dQ = W·dZᵀ
+        return (right @ grad.to(right.dtype).T).to(ctx.dtype), None
 
 
 class _QuadraticDiagonal(torch.autograd.Function):
@@ -147,14 +175,35 @@ class _QuadraticDiagonal(torch.autograd.Function):
 @contextlib.contextmanager
 def loss_matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     """float32 matmuls at `precision` (torch.set_float32_matmul_precision) inside the block on a
-    CUDA device; restored afterwards. A CPU keeps "highest": there "high" may mean bf16 passes
-    (oneDNN), and the CPU path is the reproducible fp32 reference."""
+    CUDA device, restored afterwards, also when the block raises ("high": TF32; "medium" is
+    "high" here, its bf16 weight products being explicit, `FusedLayerLoss(bf16_products=True)`).
+    A CPU keeps "highest": there "high" may mean bf16 passes (oneDNN) everywhere, the
+    ill-conditioned statistics' products included."""
     if device.type != "cuda":
         yield
         return
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    torch.set_float32_matmul_precision("high" if precision == "medium" else precision)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def bf16_products_for(precision: str, device: torch.device) -> bool:
+    """Whether `rotation.matmul_precision` asks for bf16 weight products and `device` runs them
+    natively (a CUDA device, or a CPU with bf16 matmul units: AMX there gives ~4x the fp32
+    throughput at SmolLM2's shapes). On a CPU without them, fp32 (warned once), so that a result
+    never depends on an emulation's speed."""
+    return precision == "medium" and (device.type == "cuda" or cpu_has_bf16_matmul())
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU's oneDNN runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    supported = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not supported:
+        logging.getLogger(__name__).warning(
+            "rotation.matmul_precision medium: this CPU has no bf16 matmul units; the loss runs in fp32"
+        )
+    return supported

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from denoiserotator.logs import rotation_summary
-from denoiserotator.method.rotation.fused_loss import FusedLayerLoss
+from denoiserotator.method.rotation.fused_loss import FusedLayerLoss, bf16_products_for
+from denoiserotator.method.rotation.orthogonal import _orthonormalised
 from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
 from denoiserotator.settings import RotationSettings
 
@@ -32,7 +33,7 @@ class RotationResult:
     optimizer: str = "paper"
     evaluations: int = 0  # loss evaluations (line-search trials included)
     damping: float = 0.0  # largest relative damping of the SparseGPT statistics' inverses
-    stop_reason: str = "steps"
+    stop_reason: str = "step budget"
 
     def summary(self) -> dict[str, float | int | str]:
         return {
@@ -50,7 +51,7 @@ class RotationResult:
     def log_line(self) -> str:
         """One readable line per layer, the pipeline's wording (`logs.rotation_summary`) plus the
         optimizer and time, e.g. `loss 812.3 → 640.1 (-21.2%), 137 steps (best at 130), stopped:
-        converged, optimizer cayley, 4.2 s`."""
+        plateau, optimizer cayley, 4.2 s`."""
         return f"{rotation_summary(self.summary())}, optimizer {self.optimizer}, {self.seconds:.1f} s"
 
 
@@ -86,9 +87,11 @@ class _BestIterate:
         return True
 
     def result(self, optimizer: str, steps: int, started: float, stop: str) -> RotationResult:
+        # float32 iterates drift from orthogonality (Cayley products by ~1e-6 between
+        # re-orthonormalisations); what is fused into the weights is orthogonal in float64.
         return RotationResult(
-            rotation=self.best[0],
-            head_blocks=self.best[1],
+            rotation=_orthonormalised(self.best[0].to(torch.float64)),
+            head_blocks=_orthonormalised(self.best[1].to(torch.float64)),
             loss_start=self.loss_start,
             loss_best=self.best_loss,
             best_step=self.best_step,
@@ -105,5 +108,6 @@ def _loss_function(problem: LayerProblem, settings: RotationSettings):
     """The loss the fast optimisers evaluate: fused for the paper variant (same function),
     the straightforward bf16 one for the reference variant."""
     if settings.loss_variant == "paper":
-        return FusedLayerLoss(problem)
+        device = problem.weights["q"].device
+        return FusedLayerLoss(problem, bf16_products=bf16_products_for(settings.matmul_precision, device))
     return lambda rotation, blocks: layer_loss(problem, rotation, blocks, settings.loss_variant)

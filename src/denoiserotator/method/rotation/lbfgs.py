@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
 from denoiserotator.method.rotation.iterate import RotationResult, StepCallback, _loss_function
-from denoiserotator.method.rotation.orthogonal import _skew, cayley_retract
+from denoiserotator.method.rotation.orthogonal import _orthonormalised, _skew, cayley_retract
 from denoiserotator.method.rotation.problem import LayerProblem
 from denoiserotator.settings import RotationSettings
 
@@ -71,7 +71,7 @@ def _train_lbfgs(
     evaluations = 1
     loss_start = value
     trace = [value]
-    stop = "steps"
+    stop = "step budget"
     steps_run = 0
     grad = grad_of(loss, leaves, rotation, blocks) if math.isfinite(value) else None
     if grad is None:
@@ -138,13 +138,13 @@ def _train_lbfgs(
         if settings.tol > 0 and steps_run >= settings.patience:
             earlier = trace[steps_run - settings.patience]
             if earlier - value < settings.tol * abs(value):
-                stop = "converged"
+                stop = "plateau"
                 break
 
     best_step = min(range(len(trace)), key=lambda i: (trace[i], i)) if trace else 0
     return RotationResult(
-        rotation=rotation.to(torch.float32),
-        head_blocks=blocks.to(torch.float32),
+        rotation=_orthonormalised(rotation.to(torch.float64)),
+        head_blocks=_orthonormalised(blocks.to(torch.float64)),
         loss_start=loss_start,
         loss_best=value,
         best_step=best_step,

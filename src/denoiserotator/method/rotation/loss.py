@@ -115,60 +115,100 @@ def linear_entropy(
     return loss
 
 
-class _SquaredEntropy(torch.autograd.Function):
-    """`linear_entropy` with a hand-written backward: few passes over the matrix, no graph.
+def _entropy_value_and_grads(
+    weight: torch.Tensor, factor: torch.Tensor | None, rows: bool, columns: bool, grads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`linear_entropy` of `weight` and, with `grads`, its gradients w.r.t. the weight and the
+    column factor, from one set of elementwise passes.
 
-    With S = W²·c, T = Σ_G S and E = log T − Σ_G S log S / T for each group G, the gradient
-    is ∂E/∂S = (log T − E − log S)/T; an all-zero group has E = 0 and, as in
-    `group_entropy`, ∂E/∂S = −log(tiny).
+    With S = W²·c, T = Σ_G S and E = log T − Σ_G S log S / T for each group G, ∂E/∂S =
+    (log T − E − log S)/T; an all-zero group has E = 0 and, as in `group_entropy`,
+    ∂E/∂S = −log(tiny). ∂/∂W = 2·c·W·∂E/∂S, ∂/∂c_j = Σ_i W_ij²·∂E/∂S_ij.
     """
+    tiny = torch.finfo(weight.dtype).tiny
+    squares = weight * weight
+    scores = squares if factor is None else squares * factor
+    log_scores = torch.log(scores.clamp_min(tiny))
+    weighted = scores * log_scores
+    loss = weight.new_zeros(())
+    grad_scores = None
+    for dim, wanted in ((1, rows), (0, columns)):
+        if not wanted:
+            continue
+        totals = scores.sum(dim=dim, keepdim=True)
+        positive = totals > 0
+        safe = torch.where(positive, totals, torch.ones_like(totals))
+        log_totals = torch.log(safe)
+        entropy = torch.where(positive, log_totals - weighted.sum(dim=dim, keepdim=True) / safe, 0.0)
+        loss = loss + entropy.sum()
+        if grads:
+            term = (log_totals - entropy - log_scores) / safe
+            grad_scores = term if grad_scores is None else grad_scores + term
+    if not grads or grad_scores is None:
+        return loss, None, None
+    grad_weight = 2.0 * grad_scores * weight
+    if factor is None:
+        return loss, grad_weight, None
+    return loss, grad_weight * factor, (grad_scores * squares).sum(dim=0)
+
+
+# Matrices at least this large go through the compiled kernel on a CPU: there the eager passes
+# are memory-bound (~6x slower at SmolLM2's shapes, bench/rotation_speed.py), and below it the
+# compile time (seconds, once per shape and process) would not pay back.
+COMPILE_MIN_ELEMENTS = 1 << 18
+_compiled: dict[str, object] = {}
+
+
+def _kernel(weight: torch.Tensor):
+    """The compiled `_entropy_value_and_grads` for a large CPU matrix (torch.compile, inductor),
+    the eager one otherwise or when compiling fails (warned once: e.g. no C++ compiler)."""
+    if weight.device.type != "cpu" or weight.numel() < COMPILE_MIN_ELEMENTS or _compiled.get("failed"):
+        return _entropy_value_and_grads
+    if "kernel" not in _compiled:
+        _compiled["kernel"] = torch.compile(_entropy_value_and_grads, dynamic=False)
+    return _compiled["kernel"]
+
+
+def _value_and_grads(weight, factor, rows, columns, grads):  # type: ignore[no-untyped-def]
+    kernel = _kernel(weight)
+    if kernel is _entropy_value_and_grads:
+        return kernel(weight, factor, rows, columns, grads)
+    try:
+        return kernel(weight, factor, rows, columns, grads)
+    except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+        import logging
+
+        logging.getLogger(__name__).warning("torch.compile of the entropy kernel failed (%s); eager", error)
+        _compiled["failed"] = True
+        return _entropy_value_and_grads(weight, factor, rows, columns, grads)
+
+
+class _SquaredEntropy(torch.autograd.Function):
+    """`linear_entropy` whose gradient is computed with the value (`_entropy_value_and_grads`):
+    no graph, and the backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, weight, factor, rows, columns):  # type: ignore[override]
-        # In-place where possible: on a CPU these passes are memory-bound, not FLOP-bound.
-        scores = weight.square()
-        if factor is not None:
-            scores.mul_(factor)
-        log_scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log_()
-        weighted_scores = scores * log_scores
-        loss = scores.new_zeros(())
-        coefficients = []
-        for dim, wanted in ((1, rows), (0, columns)):
-            if not wanted:
-                continue
-            weighted = weighted_scores.sum(dim=dim)
-            totals = scores.sum(dim=dim)
-            positive = totals > 0
-            safe = torch.where(positive, totals, torch.ones_like(totals))
-            log_totals = safe.log()
-            entropy = torch.where(positive, log_totals - weighted / safe, 0.0)
-            loss = loss + entropy.sum()
-            coefficients.append((dim, log_totals - entropy, safe.reciprocal()))
-        ctx.coefficients = coefficients
-        ctx.save_for_backward(weight, factor, log_scores)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad_weight, grad_factor = _value_and_grads(weight, factor, rows, columns, grads)
+        ctx.grads = (grad_weight, grad_factor if ctx.needs_input_grad[1] else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        weight, factor, log_scores = ctx.saved_tensors
-        # 2·grad_output rides on the per-group vectors, so no full-size pass multiplies by it.
-        scale = 2.0 * grad_output
-        twice_grad_scores = None
-        for dim, offset, reciprocal in ctx.coefficients:
-            term = torch.sub(offset.unsqueeze(dim), log_scores).mul_((reciprocal * scale).unsqueeze(dim))
-            twice_grad_scores = term if twice_grad_scores is None else twice_grad_scores.add_(term)
-        # ∂/∂W = 2·g·c·W and ∂/∂c_j = Σ_i g_ij W_ij², both from 2·g·W
-        twice_grad_times_weight = twice_grad_scores.mul_(weight)
-        grad_weight = grad_factor = None
-        if ctx.needs_input_grad[1]:
-            grad_factor = (twice_grad_times_weight * weight).sum(dim=0).mul_(0.5)
-        if ctx.needs_input_grad[0]:
-            grad_weight = twice_grad_times_weight if factor is None else twice_grad_times_weight.mul_(factor)
-        return grad_weight, grad_factor, None, None
+        grad_weight, grad_factor = ctx.grads
+        ctx.grads = None
+        return (
+            None if grad_weight is None else grad_weight * grad_output,
+            None if grad_factor is None else grad_factor * grad_output,
+            None,
+            None,
+        )
 
 
 def squared_entropy(
     weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool
 ) -> torch.Tensor:
-    """Same value and gradient as `linear_entropy`, computed in fewer passes (fused backward)."""
+    """Same value and gradient as `linear_entropy`, both computed in the forward pass (compiled
+    for large CPU matrices)."""
     return _SquaredEntropy.apply(weight, column_factor, rows, columns)

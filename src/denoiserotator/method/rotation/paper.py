@@ -35,7 +35,7 @@ def _train_paper(
 
     progress = _BestIterate((identity_rotation, identity_blocks), description)
     steps_run = 0
-    stop = "steps"
+    stop = "step budget"
     # steps + 1 evaluations: the loss after the last update is a candidate too.
     for step in range(settings.steps + 1):
         rotation = orthogonal_from(free_rotation)
