@@ -33,7 +33,7 @@ from denoiserotator.method.rotation.iterate import RotationResult
 from denoiserotator.method.rotation.problem import LayerProblem
 from denoiserotator.method.rotation.train import train_rotation
 from denoiserotator.method.sequential import PruneSettings, run_pipeline
-from denoiserotator.settings import ComputeSettings, PruningSettings, RotationSettings
+from denoiserotator.settings import CalibrationSettings, ComputeSettings, PruningSettings, RotationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Run to the largest step count without the early stop, so that the trace covers every
     # reported budget; the configured budget is read off the same trace.
     trained = rotation.replace(steps=max(checkpoints), tol=0.0)
-    calibration = config["calibration"]
+    # the settings classes fill in what the YAML leaves to the defaults (as the workflow's schema does)
+    calibration = CalibrationSettings.from_mapping(config["calibration"]).to_dict()
     model_dir = fetch_smollm2(args.cache)
     corpus = fetch_corpus(args.cache)
     model, tokenizer = load_model(model_dir)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pruner=args.pruner,
         pattern=args.pattern,
         rotation=trained,
-        pruning=PruningSettings.from_mapping(config["pruning"]),
+        pruning=PruningSettings.from_mapping(config.get("pruning") or {}),
         compute=ComputeSettings.from_mapping(config["compute"], checkpoint_every_layers=0),
     )
 
