@@ -43,15 +43,26 @@ def best_after(trace: list[float], steps: int) -> float:
     return min(trace[: steps + 1])
 
 
+def demo_settings(
+    config: dict[str, Any],
+) -> tuple[RotationSettings, dict[str, Any], PruningSettings, ComputeSettings]:
+    """The rotation, calibration, pruning and compute settings of a workflow config, with the
+    defaults filled in for what the YAML leaves out (as the workflow's schema does)."""
+    return (
+        RotationSettings.from_mapping(config.get("rotation") or {}),
+        CalibrationSettings.from_mapping(config.get("calibration") or {}).to_dict(),
+        PruningSettings.from_mapping(config.get("pruning") or {}),
+        ComputeSettings.from_mapping(config.get("compute") or {}, checkpoint_every_layers=0),
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = yaml.safe_load(args.config.read_text())
-    rotation = RotationSettings.from_mapping(config["rotation"])
+    rotation, calibration, pruning, compute = demo_settings(config)
     checkpoints = sorted({*args.report_steps, rotation.steps})
     # Run to the largest step count without the early stop, so that the trace covers every
     # reported budget; the configured budget is read off the same trace.
     trained = rotation.replace(steps=max(checkpoints), tol=0.0)
-    # the settings classes fill in what the YAML leaves to the defaults (as the workflow's schema does)
-    calibration = CalibrationSettings.from_mapping(config["calibration"]).to_dict()
     model_dir = fetch_smollm2(args.cache)
     corpus = fetch_corpus(args.cache)
     model, tokenizer = load_model(model_dir)
@@ -68,8 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pruner=args.pruner,
         pattern=args.pattern,
         rotation=trained,
-        pruning=PruningSettings.from_mapping(config.get("pruning") or {}),
-        compute=ComputeSettings.from_mapping(config["compute"], checkpoint_every_layers=0),
+        pruning=pruning,
+        compute=compute,
     )
 
     problems: list[tuple[LayerProblem, RotationResult]] = []

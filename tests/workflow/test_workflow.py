@@ -219,9 +219,9 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_plans_exactly_the_demo_grid(fresh: Path) -> None:
     counts, outputs = dry_run(fresh, "results/tables/main.csv", "--configfile", "config/demo.yaml")
-    # dense + 2 pruners x 2 patterns x 2 rotations + rotation-only + 1 LoRA row = 11 rows
-    assert counts["prune"] == 9 and counts["finetune"] == 1
-    assert counts["perplexity"] == counts["sparsity"] == 11
+    # dense + 3 pruners x 2 patterns x 2 rotations + rotation-only + 1 LoRA row = 15 rows
+    assert counts["prune"] == 13 and counts["finetune"] == 1
+    assert counts["perplexity"] == counts["sparsity"] == 15
     # eval.zeroshot.rows: zero-shot on the Wanda 2:4 pair only (README, "The demo's table")
     assert counts["zeroshot"] == 2
     assert counts["fetch_model"] == 1 and counts["calibrate"] == 1 and counts["tables"] == 1
