@@ -208,21 +208,10 @@ def best_within(curve: Curve, seconds: float) -> float:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """`name` or `name:key=value,key=value` (values as YAML) → (name, RotationSettings overrides)."""
+    """`name` or `name:key=value,key=value` (values as YAML, lists in brackets) → (name,
+    RotationSettings overrides)."""
     name, _, body = text.partition(":")
-    overrides = {}
-    items, depth, current = [], 0, ""
-    for char in body + ",":  # commas inside brackets belong to a value
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    for item in filter(None, items):
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
+    return name, yaml.safe_load("{" + body.replace("=", ": ") + "}") if body else {}
 
 
 def _paper_run(problem: Any, args: argparse.Namespace, key: str) -> dict[str, Any]:

@@ -10,17 +10,19 @@ import torch
 from tqdm.auto import tqdm
 
 from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
-from denoiserotator.method.rotation.iterate import RotationResult, StepCallback, _BestIterate, _loss_function
+from denoiserotator.method.rotation.iterate import (
+    STOP_BUDGET,
+    STOP_PLATEAU,
+    RotationResult,
+    StepCallback,
+    _BestIterate,
+    _loss_function,
+)
 from denoiserotator.method.rotation.orthogonal import _orthonormalised, _skew, cayley_retract
 from denoiserotator.method.rotation.problem import LayerProblem
 from denoiserotator.settings import RotationSettings
 
 log = logging.getLogger(__name__)
-
-# Stop reasons, as the per-layer lines print them.
-STOP_BUDGET = "step budget"
-STOP_PLATEAU = "plateau"
-
 
 class _TangentAdam:
     """Adam's moments for the skew tangents of R1 and R2 (one pair per factor).
@@ -97,7 +99,7 @@ def _train_cayley(
     adam = _TangentAdam([rotation, blocks] if learn_blocks else [rotation], settings.tangent_betas)
     progress = _BestIterate((rotation, blocks), description)
     at_best = adam.snapshot()
-    step_scale, since_best, halvings, window_start = 1.0, 0, 0, 0
+    since_best, halvings, window_start = 0, 0, 0
     last_norms: list[float] = []
     best_trace: list[float] = []
     stop = STOP_BUDGET
@@ -133,10 +135,10 @@ def _train_cayley(
                 stop = "step floor"
                 break
             halvings += 1
-            step_scale, since_best, window_start = step_scale / 2, 0, step
+            since_best, window_start = 0, step
             rotation, blocks = progress.best[0].clone(), progress.best[1].clone()
             adam.restore(at_best)
-            moves = _capped(adam.moves(settings.tangent_lr * step_scale), [n / 2 for n in last_norms])
+            moves = _capped(adam.moves(settings.tangent_lr * 0.5**halvings), [n / 2 for n in last_norms])
         else:
             with loss_matmul_precision(settings.matmul_precision, device):
                 grads = torch.autograd.grad(loss, [r, b] if learn_blocks else [r])
@@ -150,7 +152,7 @@ def _train_cayley(
             adam.update(tangents)
             if improved:
                 at_best = adam.snapshot()
-            moves = adam.moves(settings.tangent_lr * step_scale)
+            moves = adam.moves(settings.tangent_lr * 0.5**halvings)
         last_norms = [float(torch.linalg.vector_norm(move)) for move in moves]
         rotation = cayley_retract(rotation, moves[0])
         if learn_blocks:

@@ -34,9 +34,10 @@ class FusedLayerLoss:
         self, problem: LayerProblem, dtype: torch.dtype = torch.float32, bf16_products: bool = False
     ) -> None:
         """`bf16_products`: the two weight products (W·Q for the stacked input-side weights,
-        Qᵀ·[W_o | W_down]) and their gradients take bf16 operands, accumulated in fp32 (the
-        weights are rounded once, here). The statistics' products stay in `dtype`: H_λ⁻¹ is
-        ill-conditioned, and bf16 operands there can make a rotated diagonal non-positive."""
+        Qᵀ·[W_o | W_down]) and their gradients take bf16 operands and give bf16 results (the
+        kernels accumulate in fp32; the weights are rounded once, here). The statistics'
+        products stay in `dtype`: H_λ⁻¹ is ill-conditioned, and bf16 operands there can make a
+        rotated diagonal non-positive."""
         w = {name: weight.to(dtype) for name, weight in problem.weights.items()}
         self.operand_dtype = torch.bfloat16 if bf16_products else dtype
         self.num_heads, self.num_kv_heads = problem.num_heads, problem.num_kv_heads
@@ -86,7 +87,8 @@ class FusedLayerLoss:
         # v: R2vᵀ (W_v Q), one hd×hd block per KV head
         v = (blocks.transpose(-1, -2) @ z_v.view(kv, hd, -1)).reshape(kv * hd, -1)
         # o: (Qᵀ W_o) R2o, one block per query head (repeat_kv order); down: Qᵀ W_down
-        left = _RightProduct.apply(rotation, self.right)
+        # autograd casts the gradient back through `.to`: bf16 operands both ways, as W·Q's
+        left = (rotation.to(self.right.dtype).T @ self.right).to(rotation.dtype)
         hidden = left.shape[0]
         expanded = expand_kv_blocks(blocks, heads)
         o_left = left[:, : self.o_width].reshape(hidden, heads, hd).transpose(0, 1)
@@ -140,23 +142,6 @@ class _StackedProduct(torch.autograd.Function):
         return grad_rotation, None, None
 
 
-class _RightProduct(torch.autograd.Function):
-    """Qᵀ·W for the output-side weights W = [W_o | W_down], in W's dtype (bf16 operands for
-    `bf16_products`), returned and differentiated in Q's dtype."""
-
-    @staticmethod
-    def forward(ctx, rotation, right):  # type: ignore[override]
-        ctx.save_for_backward(right)
-        ctx.dtype = rotation.dtype
-        return (rotation.to(right.dtype).T @ right).to(rotation.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (right,) = ctx.saved_tensors
-        # d(QᵀW)/dQ: dQ = W·dZᵀ
-        return (right @ grad.to(right.dtype).T).to(ctx.dtype), None
-
-
 class _QuadraticDiagonal(torch.autograd.Function):
     """diag(Qᵀ M Q) = Σ_rows Q ⊙ (M Q) from Q and the product P = M Q (M symmetric, constant);
     the gradient w.r.t. Q is 2·P·diag(g), no matmul."""
@@ -192,9 +177,9 @@ def loss_matmul_precision(precision: str, device: torch.device) -> Iterator[None
 
 def bf16_products_for(precision: str, device: torch.device) -> bool:
     """Whether `rotation.matmul_precision` asks for bf16 weight products and `device` runs them
-    natively (a CUDA device, or a CPU with bf16 matmul units: AMX there gives ~4x the fp32
-    throughput at SmolLM2's shapes). On a CPU without them, fp32 (warned once), so that a result
-    never depends on an emulation's speed."""
+    natively (a CUDA device, or a CPU with bf16 matmul units: AMX there gives ~6x the fp32
+    throughput for W·Q at SmolLM2's shapes, docs/studies.md). On a CPU without them, fp32
+    (warned once), so that a result never depends on an emulation's speed."""
     return precision == "medium" and (device.type == "cuda" or cpu_has_bf16_matmul())
 
 

@@ -19,6 +19,10 @@ from denoiserotator.settings import RotationSettings
 
 log = logging.getLogger(__name__)
 
+# Stop reasons shared by the optimizers, as the per-layer lines print them.
+STOP_BUDGET = "step budget"
+STOP_PLATEAU = "plateau"
+
 
 @dataclass
 class RotationResult:
@@ -33,7 +37,7 @@ class RotationResult:
     optimizer: str = "paper"
     evaluations: int = 0  # loss evaluations (line-search trials included)
     damping: float = 0.0  # largest relative damping of the SparseGPT statistics' inverses
-    stop_reason: str = "step budget"
+    stop_reason: str = STOP_BUDGET
 
     def summary(self) -> dict[str, float | int | str]:
         return {

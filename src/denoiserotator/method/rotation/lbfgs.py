@@ -10,7 +10,13 @@ import torch
 from tqdm.auto import tqdm
 
 from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
-from denoiserotator.method.rotation.iterate import RotationResult, StepCallback, _loss_function
+from denoiserotator.method.rotation.iterate import (
+    STOP_BUDGET,
+    STOP_PLATEAU,
+    RotationResult,
+    StepCallback,
+    _loss_function,
+)
 from denoiserotator.method.rotation.orthogonal import _orthonormalised, _skew, cayley_retract
 from denoiserotator.method.rotation.problem import LayerProblem
 from denoiserotator.settings import RotationSettings
@@ -71,7 +77,7 @@ def _train_lbfgs(
     evaluations = 1
     loss_start = value
     trace = [value]
-    stop = "step budget"
+    stop = STOP_BUDGET
     steps_run = 0
     grad = grad_of(loss, leaves, rotation, blocks) if math.isfinite(value) else None
     if grad is None:
@@ -138,7 +144,7 @@ def _train_lbfgs(
         if settings.tol > 0 and steps_run >= settings.patience:
             earlier = trace[steps_run - settings.patience]
             if earlier - value < settings.tol * abs(value):
-                stop = "plateau"
+                stop = STOP_PLATEAU
                 break
 
     best_step = min(range(len(trace)), key=lambda i: (trace[i], i)) if trace else 0

@@ -6,6 +6,7 @@ the linears' inputs, never the calibration tokens, so its cost does not grow wit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,31 +154,23 @@ def _entropy_value_and_grads(
 
 
 # Matrices at least this large go through the compiled kernel on a CPU: there the eager passes
-# are memory-bound (~6x slower at SmolLM2's shapes, bench/rotation_speed.py), and below it the
+# are memory-bound (~6x slower on SmolLM2's 3072 x 576 gate/up block, docs/studies.md), and below it the
 # compile time (seconds, once per shape and process) would not pay back.
 COMPILE_MIN_ELEMENTS = 1 << 18
 _compiled: dict[str, object] = {}
 
 
-def _kernel(weight: torch.Tensor):
-    """The compiled `_entropy_value_and_grads` for a large CPU matrix (torch.compile, inductor),
-    the eager one otherwise or when compiling fails (warned once: e.g. no C++ compiler)."""
+def _value_and_grads(weight, factor, rows, columns, grads):  # type: ignore[no-untyped-def]
+    """`_entropy_value_and_grads`, through torch.compile (inductor) for a large CPU matrix; eager
+    otherwise, and from the first compiler failure on (warned once: e.g. no C++ compiler)."""
     if weight.device.type != "cpu" or weight.numel() < COMPILE_MIN_ELEMENTS or _compiled.get("failed"):
-        return _entropy_value_and_grads
+        return _entropy_value_and_grads(weight, factor, rows, columns, grads)
     if "kernel" not in _compiled:
         _compiled["kernel"] = torch.compile(_entropy_value_and_grads, dynamic=False)
-    return _compiled["kernel"]
-
-
-def _value_and_grads(weight, factor, rows, columns, grads):  # type: ignore[no-untyped-def]
-    kernel = _kernel(weight)
-    if kernel is _entropy_value_and_grads:
-        return kernel(weight, factor, rows, columns, grads)
+    kernel = _compiled["kernel"]
     try:
         return kernel(weight, factor, rows, columns, grads)
     except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
-        import logging
-
         logging.getLogger(__name__).warning("torch.compile of the entropy kernel failed (%s); eager", error)
         _compiled["failed"] = True
         return _entropy_value_and_grads(weight, factor, rows, columns, grads)

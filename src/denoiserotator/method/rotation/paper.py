@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
-from denoiserotator.method.rotation.iterate import RotationResult, StepCallback, _BestIterate
+from denoiserotator.method.rotation.iterate import STOP_BUDGET, RotationResult, StepCallback, _BestIterate
 from denoiserotator.method.rotation.orthogonal import orthogonal_from
 from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
 from denoiserotator.settings import RotationSettings
@@ -35,7 +35,7 @@ def _train_paper(
 
     progress = _BestIterate((identity_rotation, identity_blocks), description)
     steps_run = 0
-    stop = "step budget"
+    stop = STOP_BUDGET
     # steps + 1 evaluations: the loss after the last update is a candidate too.
     for step in range(settings.steps + 1):
         rotation = orthogonal_from(free_rotation)

@@ -1,4 +1,4 @@
-"""bench/demo_rotation_budget.py reads the demo's settings as the workflow does."""
+"""The studies read their settings as the workflow does (demo_rotation_budget, rotation_speed)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,13 @@ def test_the_demo_settings_are_read_with_their_defaults() -> None:
     assert calibration["seed"] == 0 and calibration["mode"] == "auto"
     assert pruning.percdamp == 0.01
     assert compute.threads == config["compute"]["threads"] and compute.checkpoint_every_layers == 0
+
+
+def test_rotation_speed_variants_parse_as_yaml() -> None:
+    from bench.rotation_speed import parse_variant
+
+    assert parse_variant("default") == ("default", {})
+    assert parse_variant("b:matmul_precision=medium,tangent_betas=[0.95,0.99],tangent_lr=0.01") == (
+        "b",
+        {"matmul_precision": "medium", "tangent_betas": [0.95, 0.99], "tangent_lr": 0.01},
+    )
