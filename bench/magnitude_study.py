@@ -29,7 +29,9 @@ linears, identity rotation: 0 steps), `rotate:S` (fold + R1/R2 learned for S ste
 paper's fp32 loss), `rotate-ref:S` (the same with `loss_variant: reference`, the reference
 code's bf16 loss); either takes an optimizer as a third field (`rotate-ref:100:paper` is the
 reference code's recipe: Adam on the QR parametrisation, bf16 loss; default: the package's) and
-further `FIELD=VALUE` rotation settings (`rotate:100:loss_score=magnitude`).
+further `FIELD=VALUE` rotation settings (`rotate:100:loss_score=magnitude`). A `+METHOD` suffix
+refines every pruned linear after its pruner (`plain+swaps`, `rotate:100+lsq`; the package's
+`refine_weight` at the `refinement` section's defaults, on the Gram the pruner saw).
 Pruners: `magnitude` (one threshold per matrix, as the package and the reference code),
 `magnitude-row` (diagnostic only: one threshold per output row), `wanda`, `sparsegpt`.
 
@@ -69,11 +71,12 @@ from denoiserotator.files.export import load_model
 from denoiserotator.files.text import calibration_ids, perplexity_ids
 from denoiserotator.method.adapters import LINEAR_NAMES, get_adapter
 from denoiserotator.method.engine import capture_layer_inputs, run_layer
-from denoiserotator.method.pruners import lowest_k_mask, parse_pattern, prune_weight
+from denoiserotator.method.pruners import PruneResult, lowest_k_mask, parse_pattern, prune_weight
+from denoiserotator.method.pruners.refine import refine_weight
 from denoiserotator.method.rotation.fuse import RotatedLayer, fold_layer_norms, fuse_layer_rotation
 from denoiserotator.method.sequential import PruneSettings, learn_rotations, to_basis
 from denoiserotator.method.statistics import input_statistics
-from denoiserotator.settings import RotationSettings
+from denoiserotator.settings import PruningSettings, RefinementSettings, RotationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,13 +86,23 @@ def _spread(values: torch.Tensor) -> float:
     return float(values.max() / values.median().clamp_min(1e-12))
 
 
-def _prune(pruner: str, weight: torch.Tensor, gram: torch.Tensor, pattern: str) -> torch.Tensor:
+def _prune(
+    pruner: str, weight: torch.Tensor, gram: torch.Tensor, pattern: str, refine: str = "none"
+) -> torch.Tensor:
     spec = parse_pattern(pattern)
     if pruner == "magnitude-row" and spec.kind != "nm":
         keep = lowest_k_mask(weight.abs().float(), int(weight.shape[1] * spec.sparsity))
-        return weight.masked_fill(~keep, 0)
-    name = "magnitude" if pruner == "magnitude-row" else pruner
-    return prune_weight(name, weight, gram, spec).weight.to(weight.dtype)
+        pruned = PruneResult(weight.masked_fill(~keep, 0), keep)
+    else:
+        name = "magnitude" if pruner == "magnitude-row" else pruner
+        pruned = prune_weight(name, weight, gram, spec)
+    if refine != "none":  # the package's refinement, at its default settings
+        settings = RefinementSettings()
+        pruned.weight = refine_weight(
+            weight, pruned.weight, pruned.mask, gram, spec, refine,  # type: ignore[arg-type]
+            max_swaps=settings.max_swaps, candidates=settings.candidates, percdamp=PruningSettings().percdamp,
+        ).weight  # fmt: skip
+    return pruned.weight.to(weight.dtype)
 
 
 def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
@@ -139,12 +152,14 @@ def run_mode(
     adapter = get_adapter(model)
     for index, layer in enumerate(originals):
         adapter.layers[index] = copy.deepcopy(layer)
+    base_mode, _, refine = mode.partition("+")  # plain+swaps, rotate:100+lsq: refined after pruning
+    refine = refine or "none"
     rotation: RotationSettings | None = None
-    if mode == "fold":
+    if base_mode == "fold":
         rotation = RotationSettings(steps=0)
-    elif mode.startswith("rotate"):
+    elif base_mode.startswith("rotate"):
         # rotate[-ref]:STEPS[:OPTIMIZER][:FIELD=VALUE...]; unset fields keep the package's defaults
-        kind, steps, *fields = mode.split(":")
+        kind, steps, *fields = base_mode.split(":")
         extra: dict[str, Any] = {"loss_variant": "reference" if kind == "rotate-ref" else "paper"}
         for field in fields:
             key, _, value = field.rpartition("=")
@@ -187,7 +202,7 @@ def run_mode(
                 record["act_spread"][group_name] = _spread(norms)
             for name in group:
                 dense = linears[name].weight.data.clone()
-                pruned = _prune(pruner, dense, grams[name], pattern)
+                pruned = _prune(pruner, dense, grams[name], pattern, refine)
                 linears[name].weight.data = pruned
                 record["linear_err"][name] = _relative_error(dense, pruned, grams[name])
                 dead = (pruned == 0).float().mean(dim=0) >= 0.9

@@ -73,6 +73,10 @@ def layer_summary(record: dict, num_layers: int) -> str:
     if "sparsity" in record:
         values = list(record["sparsity"].values())
         parts.append(f"sparsity {sum(values) / len(values):.3f},")
+    if "refine_error" in record:  # mean relative reconstruction error over the linears
+        before, after = (sum(v[i] for v in record["refine_error"].values()) / len(record["refine_error"])
+                         for i in (0, 1))  # fmt: skip
+        parts.append(f"refined error {before:.4f} → {after:.4f} ({record['refine_seconds']:.1f} s),")
     if "seconds" in record:
         parts.append(f"{record['seconds']:.1f} s")
     return " ".join(parts).rstrip(",")

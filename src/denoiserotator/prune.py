@@ -20,9 +20,16 @@ from denoiserotator.files.jsonio import write_json
 from denoiserotator.files.text import load_calibration
 from denoiserotator.method.checks import check_settings
 from denoiserotator.method.pruners import PRUNERS
+from denoiserotator.method.pruners.refine import REFINE_METHODS
 from denoiserotator.method.sequential import PruneSettings, run_pipeline
 from denoiserotator.preemption import handle_signals
-from denoiserotator.settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings
+from denoiserotator.settings import (
+    DTYPES,
+    ComputeSettings,
+    PruningSettings,
+    RefinementSettings,
+    RotationSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruner", choices=(*PRUNERS, "none"), default="wanda")
     parser.add_argument("--pattern", default="50%", help='"50%%", "2:4", "4:8", ... (N:M = N zeros per M)')
     parser.add_argument("--rotation", choices=("none", "denoise"), default="denoise")
+    parser.add_argument(
+        "--refine", choices=REFINE_METHODS, default="none", help="refinement after pruning (pruners.refine)"
+    )
     RotationSettings.add_arguments(parser)
     PruningSettings.add_arguments(parser)
+    RefinementSettings.add_arguments(parser)
     ComputeSettings.add_arguments(
         parser,
         only=("device", "dtype", "prune_batch_size", "checkpoint_every_layers", "checkpoint_every_minutes"),
@@ -102,6 +113,8 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
         rotation=RotationSettings.from_namespace(args) if args.rotation == "denoise" else None,
         pruning=PruningSettings.from_namespace(args),
         compute=ComputeSettings.from_namespace(args),
+        refine=args.refine,
+        refinement=RefinementSettings.from_namespace(args),
     )
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from denoiserotator.method.adapters import FAMILIES
 from denoiserotator.method.pruners import PRUNERS
+from denoiserotator.method.pruners.refine import REFINE_METHODS
 
 __all__ = [
     "CalibrationSettings",
@@ -38,6 +39,7 @@ __all__ = [
     "PerplexitySettings",
     "PipelineConfig",
     "PruningSettings",
+    "RefinementSettings",
     "RotationSettings",
     "SCORE_NAMES",
     "Settings",
@@ -399,6 +401,26 @@ class PruningSettings(StageSettings):
     )
 
 
+class RefinementSettings(StageSettings):
+    """Refinement after pruning (the `refine` grid axis): lsq refits the kept weights; swaps
+    searches the mask first (method/pruners/refine.py). Damping: `pruning.percdamp`."""
+
+    section: ClassVar[str] = "refinement"
+    max_swaps: Int = setting(
+        100, "swaps: most 1-swaps per output row (a row stops earlier when no swap lowers its error)", ge=1
+    )
+    candidates: Int = setting(
+        16,
+        "swaps, unstructured patterns: the cheapest prunes × best reinstates searched per row and "
+        "swap (N:M: every pair of a group)",
+        ge=1,
+    )
+
+    def identity_for(self, method: str) -> dict[str, Any]:
+        """What a refined row depends on: the method, and the swap knobs only for `swaps`."""
+        return {"method": method, **(self.identity() if method == "swaps" else {})}
+
+
 class ComputeSettings(StageSettings):
     """Where and in what precision the stages run; none of it is part of an output id."""
 
@@ -661,6 +683,7 @@ class FinetuneRow(Settings):
     pruner: Pruner = Field(description="the pruned row's pruner")
     pattern: Pattern = Field(description="the pruned row's pattern")
     rotation: RotationName = setting("denoise", "the pruned row's rotation")
+    refine: Literal[REFINE_METHODS] = setting("none", "the pruned row's refinement")  # type: ignore[valid-type]
 
 
 class FinetuneSettings(Settings):
@@ -696,17 +719,24 @@ class PipelineConfig(Settings):
     rotations: tuple[RotationName, ...] = setting(
         ("none", "denoise"), "each pruner × pattern with and without DenoiseRotator"
     )
+    refine: tuple[Literal[REFINE_METHODS], ...] = setting(  # type: ignore[valid-type]
+        ("none",),
+        "refinement after pruning, per pruned row: none; lsq (least-squares update of the kept "
+        "weights); swaps (1-swap mask search at the exact pattern, then lsq); refined rows get "
+        "their own ids",
+    )
     rotation_only: Bool = setting(
         True, "the rotation-only row (rotation on, nothing pruned); its perplexity must equal dense"
     )
     rotation: RotationSettings = setting(RotationSettings(), RotationSettings.__doc__)
     pruning: PruningSettings = setting(PruningSettings(), PruningSettings.__doc__)
+    refinement: RefinementSettings = setting(RefinementSettings(), RefinementSettings.__doc__)
     calibration: CalibrationSettings = setting(CalibrationSettings(), CalibrationSettings.__doc__)
     finetune: FinetuneSettings = setting(FinetuneSettings(), "LoRA rows, their training text and LoRA")
     eval: EvalSettings = setting(EvalSettings(), "perplexity sets and zero-shot tasks")
     compute: ComputeSettings = setting(ComputeSettings(), ComputeSettings.__doc__)
 
-    UNIQUE_LISTS: ClassVar[tuple[str, ...]] = ("pruners", "patterns", "rotations")
+    UNIQUE_LISTS: ClassVar[tuple[str, ...]] = ("pruners", "patterns", "rotations", "refine")
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:

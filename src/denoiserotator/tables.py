@@ -35,7 +35,7 @@ from denoiserotator.logs import layer_summary
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ["model", "pruner", "pattern", "rotation", "finetune"]
+KEY_COLUMNS = ["model", "pruner", "pattern", "rotation", "refine", "finetune"]
 PAPER_TASK_KEYS = {
     "piqa": "piqa",
     "winogrande": "wg",
@@ -131,7 +131,9 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
     records = []
     for entry in manifest["rows"]:
         files = entry["files"]
-        record: dict[str, Any] = {key: entry[key] for key in KEY_COLUMNS}
+        # manifests written before the refine axis existed have no "refine": their rows are unrefined
+        record: dict[str, Any] = {key: entry.get(key, "none") if key == "refine" else entry[key]
+                                  for key in KEY_COLUMNS}  # fmt: skip
         sparsity = _read_json(files.get("sparsity"))
         record["measured_sparsity"] = sparsity["overall"] if sparsity else None
         for name in sets:
@@ -157,7 +159,7 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
         record["prune_seconds"] = stats.get("seconds") if stats else None
         # the rotation budget actually spent: mean steps run per layer (an early stop ends sooner)
         record["rotation_steps_mean"] = _layer_means(stats, "rotation_steps")
-        paper_values = paper_row(
+        paper_values = None if record["refine"] != "none" else paper_row(  # the paper refines nothing
             paper,
             entry.get("paper_name"),
             entry["pruner"],
@@ -183,13 +185,13 @@ def collect(manifest: dict[str, Any]) -> pd.DataFrame:
 
 
 def plain_counterpart(table: pd.DataFrame, row: pd.Series) -> pd.Series | None:
-    """The unrotated row with the same model, pruner, pattern and finetune as a rotated ``row``
-    (the dense row for the rotation-only row); None for unrotated rows or when there is none."""
+    """The unrotated row with the same model, pruner, pattern, refinement and finetune as a rotated
+    ``row`` (the dense row for the rotation-only row); None for unrotated rows or when there is none."""
     if row["rotation"] != "denoise":
         return None
     match = table[(table["model"] == row["model"]) & (table["pruner"] == row["pruner"])
                   & (table["pattern"] == row["pattern"]) & (table["finetune"] == row["finetune"])
-                  & (table["rotation"] == "none")]  # fmt: skip
+                  & (table["refine"] == row["refine"]) & (table["rotation"] == "none")]  # fmt: skip
     return None if match.empty else match.iloc[0]
 
 
@@ -368,14 +370,13 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> Any:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4), squeeze=False)
     for ax, (model, name) in zip(axes[0], panels, strict=False):
         rows = table[(table["model"] == model) & (table["finetune"] == "none") & (table["pruner"] != "none")]
-        groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], strict=True)))
+        groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], rows["refine"], strict=True)))
         width = 0.4
         for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
             values, below, above = [], [], []
-            for pruner, pattern in groups:
-                match = rows[
-                    (rows["pruner"] == pruner) & (rows["pattern"] == pattern) & (rows["rotation"] == rotation)
-                ]
+            for pruner, pattern, refine in groups:
+                match = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
+                             & (rows["refine"] == refine) & (rows["rotation"] == rotation)]  # fmt: skip
                 row = match.iloc[0] if not match.empty else {}
                 value, low, high = (_number(row, f"ppl_{name}{suffix}") for suffix in ("", "_low", "_high"))
                 values.append(value)
@@ -388,7 +389,7 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> Any:
         dense = table[(table["model"] == model) & (table["pruner"] == "none") & (table["rotation"] == "none")]
         if not dense.empty and not pd.isna(dense.iloc[0][f"ppl_{name}"]):
             ax.axhline(dense.iloc[0][f"ppl_{name}"], color="k", linestyle="--", label="dense")
-        ax.set_xticks(range(len(groups)), [f"{p}\n{pat}" for p, pat in groups])
+        ax.set_xticks(range(len(groups)), [_group_label(*group) for group in groups])
         ax.set_yscale("log")
         ax.set_title(f"{model}: perplexity ({name})")
         ax.legend(fontsize="small")
@@ -398,6 +399,12 @@ def plot_perplexity(table: pd.DataFrame, sets: list[str], path: Path) -> Any:
     _replace_atomic(path, fig.savefig)
     plt.close(fig)
     return fig
+
+
+def _group_label(pruner: str, pattern: str, refine: str, finetune: str = "none") -> str:
+    """A plot's x label: `wanda\n50%`, `+swaps` for a refined row, `+lora` for a fine-tuned one."""
+    extra = [f"+{part}" for part in (refine, finetune) if part != "none"]
+    return "\n".join([pruner, pattern, *extra])
 
 
 def _number(row: Any, key: str) -> float:
@@ -421,13 +428,15 @@ def plot_zeroshot(table: pd.DataFrame, path: Path) -> Any:
     for ax, model in zip(axes[0], models, strict=False):
         # Rows left out of zero-shot (eval.zeroshot.rows) get no empty slot.
         rows = table[(table["model"] == model) & table["zeroshot_avg"].notna()]
-        groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], rows["finetune"], strict=True)))
+        groups = list(dict.fromkeys(zip(rows["pruner"], rows["pattern"], rows["refine"], rows["finetune"],
+                                        strict=True)))  # fmt: skip
         width = 0.4
         for offset, rotation in ((-width / 2, "none"), (width / 2, "denoise")):
             values, errors = [], []
-            for pruner, pattern, finetune in groups:
+            for pruner, pattern, refine, finetune in groups:
                 match = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
-                             & (rows["finetune"] == finetune) & (rows["rotation"] == rotation)]  # fmt: skip
+                             & (rows["refine"] == refine) & (rows["finetune"] == finetune)
+                             & (rows["rotation"] == rotation)]  # fmt: skip
                 row = match.iloc[0] if not match.empty else {}
                 values.append(100 * _number(row, "zeroshot_avg"))
                 stderr = _number(row, "zeroshot_avg_stderr")
@@ -436,13 +445,13 @@ def plot_zeroshot(table: pd.DataFrame, path: Path) -> Any:
             ax.bar([i + offset for i in range(len(groups))], values, width, label=label, yerr=errors,
                    capsize=3)  # fmt: skip
         if "zeroshot_avg_within_noise" in rows:
-            for i, (pruner, pattern, finetune) in enumerate(groups):
+            for i, (pruner, pattern, refine, finetune) in enumerate(groups):
                 flag = rows[(rows["pruner"] == pruner) & (rows["pattern"] == pattern)
+                            & (rows["refine"] == refine)
                             & (rows["finetune"] == finetune)]["zeroshot_avg_within_noise"]  # fmt: skip
                 if (flag == True).any():  # noqa: E712 (a column of True/False/None)
                     ax.annotate("≈", (i, 1), xycoords=("data", "axes fraction"), ha="center", va="top")
-        labels = [f"{p}\n{pat}" + (f"\n+{ft}" if ft != "none" else "") for p, pat, ft in groups]
-        ax.set_xticks(range(len(groups)), labels)
+        ax.set_xticks(range(len(groups)), [_group_label(*group) for group in groups])
         ax.set_ylabel("zero-shot average (%)")
         ax.set_title(f"{model}: zero-shot average ± 1 s.e. (≈: rotated vs plain within noise)")
         ax.legend(fontsize="small", loc="lower left")
@@ -472,7 +481,9 @@ def plot_entropy(manifest: dict[str, Any], path: Path) -> None:
             if not layers:
                 continue
             x = [layer["layer"] for layer in layers]
-            label = f"{entry['pruner']} {entry['pattern']}"
+            label = f"{entry['pruner']} {entry['pattern']}" + (
+                f" +{entry['refine']}" if entry.get("refine", "none") != "none" else ""
+            )
             (line,) = ax.plot(x, [layer["entropy_after"] for layer in layers], label=f"{label} after")
             ax.plot(
                 x,

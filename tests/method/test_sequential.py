@@ -609,3 +609,52 @@ def test_sigterm_checkpoints_the_finished_layers_and_the_retry_resumes_exactly(
     )
     assert relearned == list(range(done, 4))  # resumed after the checkpointed layers, not from scratch
     _assert_same_run(reference, resumed)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "pattern"), [("magnitude", "50%"), ("wanda", "2:4"), ("sparsegpt", "4:8")]
+)
+def test_refinement_inside_the_layer_loop_lowers_each_linears_error_at_the_exact_pattern(
+    pruner: str, pattern: str
+) -> None:
+    """`refine: swaps` in the true-sequential loop: every linear's recorded error falls, the
+    first group's (whose Gram both runs share) starts from the unrefined run's error, and the
+    pattern is the pruner's, exactly (the same zeros per row or per group of M)."""
+    ids = calibration(tiny_model("llama", num_layers=2))
+    results = {}
+    for refine in ("none", "swaps"):
+        settings = PruneSettings(pruner=pruner, pattern=pattern, rotation=None, refine=refine,
+                                 pruning=PruningSettings(sparsegpt_blocksize=32))  # fmt: skip
+        results[refine] = run_pipeline(tiny_model("llama", num_layers=2), ids, settings, progress=False)
+    refined = results["swaps"]
+    for record in refined.layer_stats:
+        assert set(record["refine_error"]) == set(LINEAR_NAMES)
+        for name, (before, after) in record["refine_error"].items():
+            assert after <= before and after < 0.999 * before, (record["layer"], name)
+    plain_model, refined_model = (get_adapter(results[r].model) for r in ("none", "swaps"))
+    for index in range(plain_model.num_layers):
+        for name in LINEAR_NAMES:
+            a = plain_model.layer(index).linear(name).weight.data
+            b = refined_model.layer(index).linear(name).weight.data
+            if ":" in pattern:
+                m = int(pattern.split(":")[1])
+                per_group = [(w == 0).reshape(w.shape[0], -1, m).sum(-1) for w in (a, b)]
+                assert torch.equal(*per_group)
+            else:
+                assert int((a == 0).sum()) == int((b == 0).sum())
+    # the first group's Gram is the same in both runs: the refinement starts where the pruner ended
+    view = plain_model.layer(0)
+    model = tiny_model("llama", num_layers=2)
+    inputs = capture_layer_inputs(get_adapter(model), ids, 2, torch.device("cpu"), torch.float32)
+    dense = get_adapter(model).layer(0)
+    gram = input_statistics(dense.layer, dense.linears(), ("q",), inputs.hidden, inputs.layer_kwargs[0])["q"]
+    w, p = dense.linear("q").weight.data.double(), view.linear("q").weight.data.double()
+    error = float(((w - p) @ gram.double() * (w - p)).sum() / ((w @ gram.double()) * w).sum()) ** 0.5
+    assert refined.layer_stats[0]["refine_error"]["q"][0] == pytest.approx(error, rel=1e-5)
+
+
+def test_refinement_needs_a_pruner() -> None:
+    with pytest.raises(SettingsError, match="refinement needs a pruner"):
+        PruneSettings(pruner="none", pattern=None, rotation=RotationSettings(steps=1), refine="swaps")
+    with pytest.raises(SettingsError, match="unknown refinement"):
+        PruneSettings(pruner="wanda", refine="obs")

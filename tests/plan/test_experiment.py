@@ -402,3 +402,54 @@ def test_shipped_configs_state_only_what_differs_from_their_defaults(name: str) 
             if value == expected or (isinstance(expected, list | tuple) and value == list(expected)):
                 restated.append(".".join((*path, key)))
     assert not restated, f"{name} restates {restated}"
+
+
+def test_the_refine_axis_adds_rows_and_renames_none() -> None:
+    """Refined rows get their own ids (the method, the swap knobs for swaps, the damping); the
+    unrefined rows' paths are those of a config without the axis; paths round-trip."""
+    base = {"models": [{"slug": "m", "source": "tiny:llama"}], "pruners": ["wanda"], "patterns": ["2:4"]}
+    plain = Experiment(base)
+    refined = Experiment({**base, "refine": ["none", "lsq", "swaps"]})
+    old = {row.path for row in plain.rows()}
+    new = {row.path for row in refined.rows()}
+    assert old < new and len(new - old) == 4  # 2 rotations x {lsq, swaps}
+    for row in refined.rows():
+        assert refined.row_for(row.path) == row
+        assert (row.refine != "none") == any(f"_{m}-" in row.path for m in ("lsq", "swaps"))
+    swaps = {r.path for r in refined.rows() if r.refine == "swaps"}
+    lsq = {r.path for r in refined.rows() if r.refine == "lsq"}
+    knob = Experiment({**base, "refine": ["none", "lsq", "swaps"], "refinement": {"max_swaps": 7}})
+    assert {r.path for r in knob.rows() if r.refine == "lsq"} == lsq  # lsq reads no swap knob
+    assert {r.path for r in knob.rows() if r.refine == "swaps"}.isdisjoint(swaps)
+    damped = Experiment({**base, "refine": ["none", "lsq"], "pruning": {"percdamp": 0.1}})
+    assert {r.path for r in damped.rows() if r.refine == "lsq"}.isdisjoint(lsq)
+    row = next(r for r in refined.rows() if r.refine == "swaps" and r.rotation == "none")
+    params = refined.prune_params(row.model, row.calib, row.variant)
+    assert params["refine"] == {"method": "swaps", "max_swaps": 100, "candidates": 16}
+    unrefined = next(r for r in refined.rows() if r.refine == "none" and r.pruner == "wanda")
+    assert "refine" not in refined.prune_params(unrefined.model, unrefined.calib, unrefined.variant)
+
+
+def test_the_cost_model_counts_the_refinement() -> None:
+    """A refined prune job's counted work is the unrefined one's plus the refinement's
+    (`flops.refine_linear` per linear, whose counted products FlopCounterMode checks in
+    tests/plan/test_flops.py)."""
+    from denoiserotator.plan import flops
+    from denoiserotator.plan.costs import prune_work
+
+    shape = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 4, "kv_heads": 2}
+    config = {"models": [{"slug": "m", "source": "tiny:llama", "shape": shape}], "refine": ["none", "swaps"]}
+    exp = Experiment(config)
+    rows = {r.refine: r for r in exp.rows()
+            if r.pruner == "wanda" and r.pattern == "2:4" and r.rotation == "none"}  # fmt: skip
+    base = prune_work(exp, "m", False, rows["none"].variant)
+    refined = prune_work(exp, "m", False, rows["swaps"].variant)
+    layer = flops.LayerShape.from_entry(exp.models["m"])
+    assert layer is not None
+    expected = sum(
+        (flops.refine_linear("swaps", out, inp, 0.5, 100, 16, 4) for out, inp in layer.linears().values()),
+        flops.Work(),
+    ) * layer.layers
+    # the Wanda Grams become full ones: 2 · tokens · width² instead of 2 · tokens · width
+    assert refined.total > base.total + expected.total
+    assert refined.matmul > base.matmul + expected.matmul

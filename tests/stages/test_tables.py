@@ -120,11 +120,12 @@ def test_paper_lookup_matches_the_papers_rows() -> None:
 
 def test_collect_columns_values_and_paper(tmp_path: Path) -> None:
     table = collect(_manifest(tmp_path, rotation_only_ppl=6.0))
-    assert list(table.columns[:18]) == [
+    assert list(table.columns[:19]) == [
         "model",
         "pruner",
         "pattern",
         "rotation",
+        "refine",
         "finetune",
         "measured_sparsity",
         "ppl_wikitext2",
@@ -267,7 +268,7 @@ def test_noise_flag_both_ways(tmp_path: Path, rotated: float, plain: float, expe
     assert table.loc[~rotated_row, "zeroshot_avg_within_noise"].isna().all()
     text = to_markdown(table, manifest)
     verdict = "within noise" if expected else "beyond noise"
-    (line,) = [row for row in text.splitlines() if "| wanda | 2:4 | denoise | none |" in row]
+    (line,) = [row for row in text.splitlines() if "| wanda | 2:4 | denoise | none | none |" in row]
     assert f"| {rotated - plain:+.4f} | {verdict} |" in line
 
 

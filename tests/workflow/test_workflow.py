@@ -197,6 +197,21 @@ def test_rotation_setting_change_reruns_only_rotated_rows(workdir: Path, change:
             assert "_dr-" in path, path
 
 
+def test_the_refine_axis_plans_only_the_refined_rows(workdir: Path) -> None:
+    """Claim: `refine: [none, swaps]` plans a refined copy of each pruned row (plain and
+    rotated: two prune jobs, their evaluations) and reruns no existing row: every planned model
+    or result path is a refined one, and the unrefined rows keep their files."""
+    overlay = _overlay(workdir, "refine.yaml", {"refine": ["none", "swaps"]})
+    counts, outputs = dry_run(workdir, "--configfile", "config/test.yaml", overlay)
+    assert counts.get("prune") == 2 and "finetune" not in counts and "calibrate" not in counts
+    assert counts.get("perplexity") == 2 and counts.get("sparsity") == 2 and counts.get("zeroshot") == 2
+    planned = [p for p in outputs if p.startswith(("results/models/", "results/eval/"))]
+    assert planned and all(re.search(r"_swaps-[0-9a-f]{8}/", p) for p in planned), planned
+    # the refinement's knobs rename only refined rows: without them nothing would be planned
+    again = _overlay(workdir, "refine-none.yaml", {"refinement": {"max_swaps": 3}})
+    assert dry_run(workdir, "--configfile", "config/test.yaml", again) == ({}, [])
+
+
 def test_zeroshot_change_reruns_only_zeroshot(workdir: Path) -> None:
     overlay = _overlay(workdir, "zs.yaml", {"eval": {"zeroshot": {"limit": 3}}})
     counts, _ = dry_run(workdir, "--configfile", "config/test.yaml", overlay)

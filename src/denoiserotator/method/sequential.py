@@ -37,6 +37,7 @@ from denoiserotator.method.checks import (
 from denoiserotator.method.engine import capture_layer_inputs, place_layer, run_layer
 from denoiserotator.method.fingerprint import checkpoint_key, model_fingerprint
 from denoiserotator.method.pruners import PRUNERS, SparsityPattern, parse_pattern, prune_weight
+from denoiserotator.method.pruners.refine import REFINE_METHODS, refine_weight
 from denoiserotator.method.rotation.fuse import (
     RotatedLayer,
     fold_layer_norms,
@@ -47,7 +48,14 @@ from denoiserotator.method.rotation.fuse import (
 from denoiserotator.method.rotation.problem import LayerProblem, loss_statistic_inputs
 from denoiserotator.method.rotation.train import train_rotation
 from denoiserotator.method.statistics import checked_statistics
-from denoiserotator.settings import DTYPES, ComputeSettings, PruningSettings, RotationSettings, SettingsError
+from denoiserotator.settings import (
+    DTYPES,
+    ComputeSettings,
+    PruningSettings,
+    RefinementSettings,
+    RotationSettings,
+    SettingsError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ class PruneSettings:
 
     pruner: one of PRUNERS, or "none" (the rotation-only row). pattern: "50%", "2:4", any N:M
     (None when nothing is pruned). rotation: the DenoiseRotator settings, or None for plain
-    pruning. Raises SettingsError (a ValueError) on a combination that cannot run.
+    pruning. refine: "none", "lsq" or "swaps" after each linear's pruner (`pruners.refine`),
+    with `refinement`'s knobs. Raises SettingsError (a ValueError) on a combination that cannot
+    run.
     """
 
     pruner: str = "wanda"
@@ -66,6 +76,8 @@ class PruneSettings:
     rotation: RotationSettings | None = field(default_factory=RotationSettings)
     pruning: PruningSettings = field(default_factory=PruningSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    refine: str = "none"
+    refinement: RefinementSettings = field(default_factory=RefinementSettings)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,17 +93,25 @@ class PruneSettings:
             if self.pattern is None:
                 raise SettingsError(f"pruner {self.pruner!r} needs a sparsity pattern")
             parse_pattern(self.pattern)
+        if self.refine not in REFINE_METHODS:
+            choices = ", ".join(REFINE_METHODS)
+            raise SettingsError(f"unknown refinement {self.refine!r}; choose from {choices}")
+        if self.refine != "none" and self.pruner == "none":
+            raise SettingsError("refinement needs a pruner: the rotation-only row prunes nothing")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PruneSettings:
         """From the prune rule's params (`Experiment.prune_params`): config sections, whole."""
         rotation = params.get("rotation")
+        refine = params.get("refine") or {"method": "none"}
         return cls(
             pruner=params["pruner"],
             pattern=params["pattern"],
             rotation=None if rotation is None else RotationSettings.from_mapping(rotation),
             pruning=PruningSettings.from_mapping(params["pruning"]),
             compute=ComputeSettings.from_mapping(params["compute"]),
+            refine=refine["method"],
+            refinement=RefinementSettings.from_mapping({k: v for k, v in refine.items() if k != "method"}),
         )
 
     @property
@@ -109,7 +129,7 @@ class PruneSettings:
         `prune_batch_size` (it sets the order in which the Grams are summed). Left out: threads,
         GPU counts, evaluation settings and the checkpoint cadence, which cannot change a layer,
         so that editing one keeps a long job's progress."""
-        return {
+        identity = {
             "pruner": self.pruner,
             "pattern": self.pattern,
             "rotation": None if self.rotation is None else self.rotation.identity(),
@@ -120,6 +140,13 @@ class PruneSettings:
                 "prune_batch_size": self.compute.prune_batch_size,
             },
         }
+        if self.refine != "none":  # absent otherwise: the checkpoints of unrefined jobs keep their keys
+            identity["refine"] = self.refinement_identity()
+        return identity
+
+    def refinement_identity(self) -> dict[str, Any]:
+        """The refinement a refined job's id hashes (`RefinementSettings.identity_for`)."""
+        return self.refinement.identity_for(self.refine)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record of the job, stored with its outputs."""
@@ -132,6 +159,7 @@ class PruneSettings:
             else {**self.rotation.to_dict(), "loss_score": self.loss_score},
             "pruning": self.pruning.to_dict(),
             "compute": self.compute.to_dict(),
+            "refine": None if self.refine == "none" else self.refinement_identity(),
         }
 
 
@@ -197,38 +225,68 @@ def prune_groups(
 ) -> dict[str, Any]:
     """Prune the input groups in true-sequential order (SPEC §5.3), Gram matrices re-collected
     before each group on the layer as it is now (rotated, earlier groups pruned). `hidden` is
-    in the layer's own basis. Returns the damping each linear used and its sparsity. Raises
+    in the layer's own basis. With `settings.refine`, each pruned linear is refined on the same
+    Gram (full, for every pruner). Returns the damping each linear used, its sparsity and, when
+    refined, the relative reconstruction error before and after refinement per linear,
+    sqrt(f / tr(W H Wᵀ)) (`pruners.refine`), and the refinement's seconds. Raises
     NonFiniteError on a non-finite Gram, before the group is pruned."""
     pattern = settings.sparsity_pattern
     assert pattern is not None
     linears = view.linears()
     damping: dict[str, float | None] = {}
+    refined: dict[str, list[float]] = {}
+    refine_seconds = 0.0
+    needs_gram = settings.pruner != "magnitude" or settings.refine != "none"
     for group in adapter.input_groups.values():
         # The linears of a group share their input, hence their Gram matrix: collect it once
-        # (one (in, in) accumulator instead of three for q, k, v). Wanda reads only its diagonal.
+        # (one (in, in) accumulator instead of three for q, k, v). Wanda reads only its diagonal,
+        # unless the refinement needs the whole Gram.
         grams: dict[str, torch.Tensor] = {}
-        if settings.pruner != "magnitude":
+        if needs_gram:
             purpose = f"pruning with {settings.pruner}"
+            diagonal = settings.pruner == "wanda" and settings.refine == "none"
             shared = checked_statistics(
-                view, index, group[:1], hidden, kwargs, purpose, diagonal=settings.pruner == "wanda"
+                view, index, group[:1], hidden, kwargs, purpose, diagonal=diagonal
             )[group[0]]
             grams = dict.fromkeys(group, shared)
         for name in group:
             preemption.check()
             linear = linears[name]
+            dense = linear.weight.data
             pruned = prune_weight(
                 settings.pruner,
-                linear.weight.data,
-                grams.get(name),
+                dense,
+                grams.get(name) if settings.pruner != "magnitude" else None,
                 pattern,
                 blocksize=settings.pruning.sparsegpt_blocksize,
                 percdamp=settings.pruning.percdamp,
             )
+            if settings.refine != "none":
+                started = time.perf_counter()
+                result = refine_weight(
+                    dense, pruned.weight, pruned.mask, grams[name], pattern, settings.refine,  # type: ignore[arg-type]
+                    max_swaps=settings.refinement.max_swaps, candidates=settings.refinement.candidates,
+                    percdamp=settings.pruning.percdamp,
+                )  # fmt: skip
+                refine_seconds += time.perf_counter() - started
+                scale = max(float(_output_energy(dense, grams[name])), 1e-30)
+                objectives = (result.objective_before, result.objective_after)
+                refined[name] = [(objective / scale) ** 0.5 for objective in objectives]
+                pruned.weight = result.weight
             linear.weight.data = pruned.weight.to(linear.weight.dtype)
             damping[name] = pruned.damping
         del grams  # before the next group's statistics are collected, not after
     sparsity = {name: float((linears[name].weight.data == 0).float().mean()) for name in LINEAR_NAMES}
-    return {"damping": damping, "sparsity": sparsity}
+    record: dict[str, Any] = {"damping": damping, "sparsity": sparsity}
+    if refined:
+        record.update(refine_error=refined, refine_seconds=refine_seconds)
+    return record
+
+
+def _output_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """tr(W H Wᵀ) in fp64: the scale of a linear's reconstruction error."""
+    w = weight.double().to(gram.device)
+    return ((w @ gram.double()) * w).sum()
 
 
 def to_basis(hidden: list[torch.Tensor], r1: torch.Tensor | None) -> list[torch.Tensor]:

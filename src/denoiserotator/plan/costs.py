@@ -292,14 +292,16 @@ def compute_device(exp: Experiment, gpu_model: str | None = None) -> flops.Devic
     return flops.device_for(name)
 
 
-def _pruner_and_nm(variant: str | None) -> tuple[str, int | None]:
+def _pruner_and_nm(variant: str | None) -> tuple[str, int | None, float, str]:
+    """(pruner, M of an N:M pattern, sparsity, refinement) of a prune job's folder name."""
     if variant is None:
-        return "sparsegpt", None
-    pruner, pattern_slug = variant.split("_", 2)[:2]
+        return "sparsegpt", None, 0.5, "none"
+    pruner, pattern_slug, _, *refined = variant.split("_")
     if pruner == "none":
-        return "none", None
+        return "none", None, 0.0, "none"
     pattern = parse_pattern(pattern_from_slug(pattern_slug))
-    return pruner, None if pattern.kind != "nm" else int(pattern.m)  # type: ignore[arg-type]
+    nm = None if pattern.kind != "nm" else int(pattern.m)  # type: ignore[arg-type]
+    return pruner, nm, pattern.sparsity, refined[0].split("-")[0] if refined else "none"
 
 
 def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None = None) -> flops.Work:
@@ -308,7 +310,7 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
     shape = flops.LayerShape.from_entry(exp.models[model])
     if shape is None:
         raise ValueError(f"model {model!r} has no shape fields ({', '.join(flops.LayerShape.FIELDS)})")
-    pruner, nm = _pruner_and_nm(variant)
+    pruner, nm, sparsity, refine = _pruner_and_nm(variant)
     calib = exp.calibration
     return flops.prune_job(
         shape,
@@ -325,6 +327,10 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
         gram="fp32" if uses_gpu(exp) else "fp64",
         matmul="tf32" if uses_gpu(exp) and exp.rotation.matmul_precision == "high" else "fp32",
         optimizer=exp.rotation.optimizer,
+        refine=refine,
+        sparsity=sparsity,
+        max_swaps=exp.refinement.max_swaps,
+        candidates=exp.refinement.candidates,
     )
 
 

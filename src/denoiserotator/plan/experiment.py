@@ -1,10 +1,11 @@
 """The experiment grid of a validated config: rows, output paths and their ids. No Snakemake.
 
-A row of the table is (model, pruner, pattern, rotation, finetune). Every output path carries a
+A row of the table is (model, pruner, pattern, rotation, refine, finetune). Every output path carries a
 short hash of exactly the settings that determine it (config/README.md, "Output paths carry their
 settings"), so a changed setting creates new paths for what depends on it and nothing else:
 
     results/models/<model>/c-<calibration id>/<pruner>_<pattern>_<none|dr-<rotation id>>/hf
+    results/models/<model>/c-<calibration id>/<pruner>_<pattern>_<none|dr-<id>>_<lsq|swaps>-<id>/hf
     results/models/<model>/c-<calibration id>/none_dense_dr-<rotation id>/hf     (rotation only)
     results/models/<...variant...>/lora-<LoRA id>/hf
     results/eval/<row path>/{ppl-<set>-<id>,zeroshot-<id>,sparsity}.json
@@ -22,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from denoiserotator.method.pruners import PRUNERS, parse_pattern
+from denoiserotator.method.pruners.refine import REFINE_METHODS
 from denoiserotator.plan.families import family_problem
 from denoiserotator.settings import ComputeSettings, ModelEntry, PipelineConfig, SettingsError, short_hash
 
 __all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
 
 _PRUNER_RE = "|".join(PRUNERS)
-VARIANT_RE = rf"({_PRUNER_RE})_([0-9]+pct|[0-9]+-[0-9]+)_(none|dr-[0-9a-f]{{8}})|none_dense_dr-[0-9a-f]{{8}}"
+_REFINE_RE = "|".join(method for method in REFINE_METHODS if method != "none")
+# An unrefined variant's name has no refinement part, so adding the `refine` axis renames nothing.
+VARIANT_RE = (
+    rf"({_PRUNER_RE})_([0-9]+pct|[0-9]+-[0-9]+)_(none|dr-[0-9a-f]{{8}})(_({_REFINE_RE})-[0-9a-f]{{8}})?"
+    rf"|none_dense_dr-[0-9a-f]{{8}}"
+)
 ROW_RE = rf"[a-z0-9][a-z0-9.-]*/(dense|c-[0-9a-f]{{8}}/({VARIANT_RE})(/lora-[0-9a-f]{{8}})?)"
 
 
@@ -50,8 +57,9 @@ class Row:
     """One row of the table and where its files live.
 
     pruner "none" with rotation "none" is the dense row, with rotation "denoise" the
-    rotation-only row (pattern "dense" for both). `calib`, `variant` and `lora` are the path
-    components carrying the ids (None for the dense row / rows without LoRA).
+    rotation-only row (pattern "dense" for both). `refine`: "none", or the refinement after
+    pruning (`pruners.refine`). `calib`, `variant` and `lora` are the path components carrying
+    the ids (None for the dense row / rows without LoRA).
     """
 
     model: str
@@ -62,6 +70,7 @@ class Row:
     calib: str | None = None
     variant: str | None = None
     lora: str | None = None
+    refine: str = "none"
 
     @property
     def path(self) -> str:
@@ -77,7 +86,7 @@ class Row:
 
     def key(self) -> dict[str, str]:
         return {"model": self.model, "pruner": self.pruner, "pattern": self.pattern,
-                "rotation": self.rotation, "finetune": self.finetune}  # fmt: skip
+                "rotation": self.rotation, "refine": self.refine, "finetune": self.finetune}  # fmt: skip
 
     @classmethod
     def from_path(cls, path: str) -> Row:
@@ -90,10 +99,12 @@ class Row:
             return cls(model, "none", "dense", "none")
         calib, variant = parts[1], parts[2]
         lora = parts[3] if len(parts) > 3 else None
-        pruner, pslug, rslug = variant.split("_", 2)
+        pruner, pslug, rslug, *refined = variant.split("_")
         pattern = "dense" if pruner == "none" else pattern_from_slug(pslug)
         rotation = "none" if rslug == "none" else "denoise"
-        return cls(model, pruner, pattern, rotation, "lora" if lora else "none", calib, variant, lora)
+        refine = refined[0].split("-")[0] if refined else "none"
+        finetune = "lora" if lora else "none"
+        return cls(model, pruner, pattern, rotation, finetune, calib, variant, lora, refine)
 
 
 class Experiment:
@@ -111,6 +122,7 @@ class Experiment:
         self.calibration = settings.calibration
         self.rotation = settings.rotation
         self.pruning = settings.pruning
+        self.refinement = settings.refinement
         self.compute = settings.compute
         self.lora = settings.finetune.lora
         self.finetune_data = settings.finetune.train
@@ -130,11 +142,16 @@ class Experiment:
         identity["percdamp"] = self.pruning.percdamp  # the SparseGPT score's damping
         return identity
 
-    def variant_name(self, pruner: str, pattern: str | None, rotation: str) -> str:
+    def refine_identity(self, method: str) -> dict[str, Any]:
+        """What a refined row's refinement depends on: its knobs and the damping of its solves."""
+        return {**self.refinement.identity_for(method), "percdamp": self.pruning.percdamp}
+
+    def variant_name(self, pruner: str, pattern: str | None, rotation: str, refine: str = "none") -> str:
         if pruner == "none":
             return f"none_dense_dr-{short_hash(self.rotation_identity('none'))}"
         rslug = "none" if rotation == "none" else f"dr-{short_hash(self.rotation_identity(pruner))}"
-        return f"{pruner}_{pattern_slug(pattern or '')}_{rslug}"
+        name = f"{pruner}_{pattern_slug(pattern or '')}_{rslug}"
+        return name if refine == "none" else f"{name}_{refine}-{short_hash(self.refine_identity(refine))}"
 
     def lora_id(self) -> str:
         return f"lora-{short_hash({'lora': self.lora.identity(), 'train': self.finetune_data.identity()})}"
@@ -151,18 +168,26 @@ class Experiment:
     def row_for(self, row_path: str) -> Row:
         """The row of a path, refusing paths made with settings other than this config's."""
         row = Row.from_path(row_path)
-        expected = self._row(row.model, row.pruner, row.pattern, row.rotation, row.finetune)
+        expected = self._row(row.model, row.pruner, row.pattern, row.rotation, row.finetune, row.refine)
         if expected != row:
             raise ValueError(f"{row_path} was made with other settings than the config's ({expected.path})")
         return row
 
     # -- the grid -----------------------------------------------------------------------------
-    def _row(self, model: str, pruner: str, pattern: str, rotation: str, finetune: str = "none") -> Row:
+    def _row(
+        self,
+        model: str,
+        pruner: str,
+        pattern: str,
+        rotation: str,
+        finetune: str = "none",
+        refine: str = "none",
+    ) -> Row:
         if pruner == "none" and rotation == "none":
             return Row(model, "none", "dense", "none")
-        variant = self.variant_name(pruner, None if pruner == "none" else pattern, rotation)
+        variant = self.variant_name(pruner, None if pruner == "none" else pattern, rotation, refine)
         lora = self.lora_id() if finetune == "lora" else None
-        return Row(model, pruner, pattern, rotation, finetune, self.calib_id(), variant, lora)
+        return Row(model, pruner, pattern, rotation, finetune, self.calib_id(), variant, lora, refine)
 
     def rows(self) -> list[Row]:
         """The table's rows in order: per model dense, the grid, rotation-only, LoRA rows."""
@@ -174,11 +199,12 @@ class Experiment:
             for pruner in grid.pruners:
                 for pattern in grid.patterns:
                     canonical = str(parse_pattern(pattern))
-                    rows += [self._row(model, pruner, canonical, rot) for rot in grid.rotations]
+                    rows += [self._row(model, pruner, canonical, rot, refine=refine)
+                             for refine in grid.refine for rot in grid.rotations]  # fmt: skip
             if grid.rotation_only:
                 rows.append(self._row(model, "none", "dense", "denoise"))
-            rows += [self._row(model, ft.pruner, str(parse_pattern(ft.pattern)), ft.rotation, "lora")
-                     for ft in grid.finetune.rows]  # fmt: skip
+            rows += [self._row(model, ft.pruner, str(parse_pattern(ft.pattern)), ft.rotation, "lora",
+                               ft.refine) for ft in grid.finetune.rows]  # fmt: skip
         return rows
 
     # -- files --------------------------------------------------------------------------------
@@ -319,6 +345,8 @@ class Experiment:
         }
         if row.rotation == "denoise":
             params["rotation"] = self.rotation_settings_used()
+        if row.refine != "none":  # left out of unrefined rows: the refinement knobs rerun none of them
+            params["refine"] = self.refinement.identity_for(row.refine)
         return params
 
     def rotation_settings_used(self) -> dict[str, Any]:

@@ -431,6 +431,31 @@ def prune_linear(pruner: str, rows: int, cols: int, blocksize: int = 128, nm: in
     raise ValueError(f"unknown pruner {pruner!r}")
 
 
+def refine_linear(
+    method: str, rows: int, cols: int, sparsity: float, max_swaps: int = 100, candidates: int = 16,
+    nm: int | None = None,
+) -> Work:
+    """`pruners.refine.refine_weight` of a (rows, cols) weight, all fp64. Counted products: the
+    right-hand sides W·H and three objectives (Δ·H) of 2 · rows · cols² each. Not counted: one
+    Cholesky (k³/3) and its solve (2k²) per row for the k = (1 − sparsity) · cols kept weights.
+    Swaps add g = Δ·H (2 · rows · cols², counted) and, per swap step, the elementwise search
+    (≈ 12 · rows · cols), the candidate pairs (6 · rows · candidates²; N:M: 6 · rows · cols · M)
+    and the update of g (4 · rows · cols); the step count is the `max_swaps` bound (rows stop
+    earlier when no swap helps)."""
+    if method == "none":
+        return Work()
+    if method not in ("lsq", "swaps"):
+        raise ValueError(f"unknown refinement {method!r}")
+    kept = (1 - sparsity) * cols
+    solves = _mm(rows * (kept**3 / 3 + 2 * kept**2), "fp64", counted=False)
+    work = _mm(4 * 2 * rows * cols**2, "fp64") + solves
+    if method == "swaps":
+        pairs = 6 * rows * cols * nm if nm else 6 * rows * candidates**2
+        step = 12 * rows * cols + pairs + 4 * rows * cols
+        work = work + _mm(2 * rows * cols**2, "fp64") + _mm(max_swaps * step, "fp64", counted=False)
+    return work
+
+
 def prune_job(
     shape: LayerShape,
     tokens: int,
@@ -446,6 +471,10 @@ def prune_job(
     gram: str = "fp32",
     matmul: str = ROTATION_MATMUL_PRECISION,
     optimizer: str = "paper",
+    refine: str = "none",
+    sparsity: float = 0.5,
+    max_swaps: int = 100,
+    candidates: int = 16,
 ) -> Work:
     """One rotate+prune job (`pipeline.run_pipeline`, SPEC §5) over all layers.
 
@@ -458,7 +487,9 @@ def prune_job(
     propagate the outputs (plus the entry and exit rotations h·Q, h·Qᵀ of the unmerged layer).
     `tokens` = nsamples × seqlen; `compute` and
     `gram`: precisions of the layer forward and of the Gram sums; `matmul`: of the rotation loss;
-    `optimizer`: `rotation.optimizer` (`rotation_training`).
+    `optimizer`: `rotation.optimizer` (`rotation_training`). `refine` (with the pattern's
+    `sparsity` and the `refinement` knobs): every pruned linear refined (`refine_linear`) on its
+    group's full Gram, which is then collected for Magnitude and Wanda too.
     """
     d = shape.hidden
     linears = shape.linears()
@@ -476,12 +507,16 @@ def prune_job(
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})
     if pruner != "none":
         for group in INPUT_GROUPS:
-            if pruner != "magnitude":  # the group shares its input: one Gram, its first linear's
+            if pruner != "magnitude" or refine != "none":  # one Gram per group, its first linear's
                 per_layer = per_layer + input_statistics(
-                    shape, group[:1], tokens, seqlen, compute, gram, diagonal=pruner == "wanda"
-                )
+                    shape, group[:1], tokens, seqlen, compute, gram,
+                    diagonal=pruner == "wanda" and refine == "none",
+                )  # fmt: skip
             for name in group:
                 per_layer = per_layer + prune_linear(pruner, *linears[name], blocksize=blocksize, nm=nm)
+                per_layer = per_layer + refine_linear(
+                    refine, *linears[name], sparsity, max_swaps, candidates, nm
+                )
         if rotated:
             per_layer = per_layer + _mm(2 * tokens * d * d, compute)  # to_basis: h · Q
     per_layer = per_layer + layer_forward(shape, tokens, seqlen, compute)

@@ -1,0 +1,217 @@
+"""Layer-wise refinement after pruning: lower ‖(W − Ŵ)X‖² at the pruner's exact sparsity pattern.
+
+Any pruner's (mask, kept values) can be refined on the objective the Gram already gives,
+
+    f(Ŵ) = Σ_r (w_r − ŵ_r) H (w_r − ŵ_r)ᵀ,   H = Σ_t x_t x_tᵀ (the Gram the pruner saw),
+
+row by row (the rows are independent). Two methods:
+
+- ``lsq``: the least-squares update of the kept weights on the pruner's mask,
+  ŵ_S = H_SS⁻¹ (H w)_S for the kept set S of each row (Wanda and Magnitude never update; even
+  SparseGPT's one left-to-right sweep is not the minimiser on its own mask).
+- ``swaps``: 1-swap mask search, then ``lsq`` on the final mask. Each swap prunes a kept weight
+  i and reinstates a pruned weight j *of the same row* (of the same M-group for N:M), so every
+  row's count, and every N:M group's, is unchanged. With d = w − ŵ and g = H d, pruning i and
+  reinstating j at its best value v = (g_j + ŵ_i H_ij) / H_jj changes f by exactly
+
+      Δ_ij = 2 ŵ_i g_i + ŵ_i² H_ii − (g_j + ŵ_i H_ij)² / H_jj,
+
+  (SparseSwaps, arXiv 2512.10922, reinstates w_j; the best value is never worse). Per step and
+  row the best swap among the `candidates` cheapest prunes × the `candidates` best reinstates
+  (all pairs of a group for N:M) is taken when Δ < 0; a row stops when none lowers f.
+
+Search and least squares use the damped Gram H + λI (λ = percdamp · mean diag H, SparseGPT's
+damping) so that every solve is well posed; a row whose *undamped* objective would rise is
+returned unchanged, so f never rises. All arithmetic is fp64, in row chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from denoiserotator.method.pruners.patterns import SparsityPattern
+
+__all__ = ["REFINE_METHODS", "RefineResult", "reconstruction_objective", "refine_weight"]
+
+REFINE_METHODS: tuple[str, ...] = ("none", "lsq", "swaps")
+RefineMethod = Literal["lsq", "swaps"]
+
+_CHUNK_BYTES = 256 * 2**20  # fp64 working set per row chunk (the (rows, k, k) systems of lsq)
+_INFINITY = float("inf")
+
+
+@dataclass
+class RefineResult:
+    weight: torch.Tensor  # (out, in), the input weight's dtype and device, zeros where pruned
+    mask: torch.Tensor  # bool (out, in), True = kept; same count per row (per N:M group) as before
+    objective_before: float  # f of the pruner's weight, undamped H
+    objective_after: float  # f of the refined weight, ≤ objective_before
+    swaps: int  # swaps applied, over all rows
+    rows_kept: int  # rows returned unchanged because their refinement would raise f
+
+
+def reconstruction_objective(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row f_r = (w_r − ŵ_r) H (w_r − ŵ_r)ᵀ in fp64, shape (out,)."""
+    delta = (dense.double() - pruned.double()).to(gram.device)
+    return ((delta @ gram.double()) * delta).sum(dim=1)
+
+
+def _damped(gram: torch.Tensor, percdamp: float, device: torch.device) -> torch.Tensor:
+    hess = gram.detach().to(device=device, dtype=torch.float64, copy=True)
+    diag = torch.diagonal(hess)
+    diag[diag == 0] = 1.0  # an input that never fired: as SparseGPT, so the system stays regular
+    diag += percdamp * diag.mean()
+    return hess
+
+
+def _row_chunk(cols: int, width: int) -> int:
+    return max(1, _CHUNK_BYTES // (8 * max(cols, width * width)))
+
+
+def _swap_rows(
+    dense: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    hess: torch.Tensor,
+    pattern: SparsityPattern,
+    max_swaps: int,
+    candidates: int,
+) -> int:
+    """1-swap search in place on a row chunk (fp64 `values`, bool `keep`); returns swaps made."""
+    rows, cols = values.shape
+    hdiag = torch.diagonal(hess)
+    grad = (dense - values) @ hess  # g = H d, per row (H is symmetric)
+    active = torch.ones(rows, dtype=torch.bool, device=values.device)
+    arange = torch.arange(rows, device=values.device)
+    made = 0
+    for _ in range(max_swaps):
+        prune_cost = torch.where(keep, 2 * values * grad + values.square() * hdiag, _INFINITY)
+        if pattern.is_nm:
+            m = int(pattern.m)  # type: ignore[arg-type]
+            groups = cols // m
+            blocks = hess.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            a = prune_cost.reshape(rows, groups, m, 1)
+            g = grad.reshape(rows, groups, 1, m)
+            v = values.reshape(rows, groups, m, 1)
+            inside = g + v * blocks.unsqueeze(0)  # g_j + ŵ_i H_ij within each group
+            delta = a - inside.square() / hdiag.reshape(1, groups, 1, m)
+            pruned_j = ~keep.reshape(rows, groups, 1, m)
+            delta = torch.where(pruned_j, delta, _INFINITY).reshape(rows, -1)
+            best, flat = delta.min(dim=1)
+            group, pair = flat // (m * m), flat % (m * m)
+            i, j = group * m + pair // m, group * m + pair % m
+        else:
+            k = min(candidates, cols)
+            kept_i = torch.topk(prune_cost, k, dim=1, largest=False).indices
+            gain = torch.where(keep, -_INFINITY, grad.square() / hdiag)
+            pruned_j = torch.topk(gain, k, dim=1).indices
+            cross = hess[kept_i.unsqueeze(2), pruned_j.unsqueeze(1)]  # (rows, k, k): H_ij
+            inside = grad.gather(1, pruned_j).unsqueeze(1) + values.gather(1, kept_i).unsqueeze(2) * cross
+            delta = prune_cost.gather(1, kept_i).unsqueeze(2) - inside.square() / hdiag[pruned_j].unsqueeze(1)
+            invalid = ~keep.gather(1, kept_i).unsqueeze(2) | keep.gather(1, pruned_j).unsqueeze(1)
+            delta = delta.masked_fill(invalid, _INFINITY).reshape(rows, -1)
+            best, flat = delta.min(dim=1)
+            i, j = kept_i[arange, flat // k], pruned_j[arange, flat % k]
+        # a relative threshold: a "gain" at rounding level would swap back and forth
+        scale = ((dense - values) * grad).sum(dim=1).abs() + 1e-300
+        improve = active & torch.isfinite(best) & (best < -1e-12 * scale)
+        if not bool(improve.any()):
+            break
+        active &= improve
+        r, i, j = arange[improve], i[improve], j[improve]
+        old = values[r, i]
+        new = (grad[r, j] + old * hess[i, j]) / hdiag[j]
+        values[r, i], keep[r, i] = 0.0, False
+        values[r, j], keep[r, j] = new, True
+        grad[r] += old.unsqueeze(1) * hess[i] - new.unsqueeze(1) * hess[j]
+        made += int(r.numel())
+    return made
+
+
+def _least_squares_rows(dense: torch.Tensor, keep: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:
+    """ŵ_S = H_SS⁻¹ (H w)_S per row of a chunk, zeros elsewhere (fp64).
+
+    Rows may keep different counts (Magnitude's and SparseGPT's unstructured masks): each row's
+    system is padded to the chunk's largest count with identity rows and zero right-hand sides."""
+    rows, cols = dense.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    if width == 0:
+        return torch.zeros_like(dense)
+    # kept columns first (stable: in column order), then pruned ones as padding
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    real = torch.arange(width, device=dense.device).unsqueeze(0) < counts.unsqueeze(1)
+    system = hess[order.unsqueeze(2), order.unsqueeze(1)]
+    pair = real.unsqueeze(2) & real.unsqueeze(1)
+    system = torch.where(pair, system, 0.0)
+    system.diagonal(dim1=1, dim2=2).add_((~real).double())
+    rhs = torch.where(real, (dense @ hess).gather(1, order), 0.0).unsqueeze(2)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool((info != 0).any()):
+        raise RuntimeError("refinement: a kept block of the damped Gram is not positive definite")
+    solution = torch.cholesky_solve(rhs, factor).squeeze(2)
+    out = torch.zeros_like(dense)
+    return out.scatter_(1, order, torch.where(real, solution, 0.0))
+
+
+def refine_weight(
+    dense: torch.Tensor,
+    pruned: torch.Tensor,
+    mask: torch.Tensor,
+    gram: torch.Tensor,
+    pattern: SparsityPattern,
+    method: RefineMethod,
+    *,
+    max_swaps: int = 100,
+    candidates: int = 16,
+    percdamp: float = 0.01,
+) -> RefineResult:
+    """Refine one pruned linear (module docstring).
+
+    dense: the weight before pruning (out, in), in the basis the pruner saw; pruned, mask: the
+    pruner's result (zeros where ``mask`` is False); gram: that pruner's Gram of the inputs,
+    (in, in). Raises ValueError on mismatched shapes or an unknown method.
+    """
+    if method not in ("lsq", "swaps"):
+        raise ValueError(f"unknown refinement {method!r}; supported: lsq, swaps")
+    if dense.dim() != 2 or dense.shape != pruned.shape or dense.shape != mask.shape:
+        raise ValueError(
+            f"dense, pruned and mask must share one 2-D shape, got {tuple(dense.shape)}, "
+            f"{tuple(pruned.shape)}, {tuple(mask.shape)}"
+        )
+    rows, cols = dense.shape
+    if gram.shape != (cols, cols):
+        raise ValueError(f"refinement needs the full ({cols}, {cols}) Gram, got {tuple(gram.shape)}")
+    device = dense.device
+    hess = _damped(gram, percdamp, device)
+    exact = gram.detach().to(device=device, dtype=torch.float64)
+    weight = pruned.detach().to(torch.float64, copy=True)
+    keep = mask.detach().to(torch.bool, copy=True)
+    before = reconstruction_objective(dense, pruned, exact)
+    swaps, kept_rows = 0, 0
+    chunk = _row_chunk(cols, int(keep.sum(dim=1).max()))
+    for start in range(0, rows, chunk):
+        part = slice(start, min(start + chunk, rows))
+        target = dense[part].double()
+        values, part_keep = weight[part].clone(), keep[part].clone()
+        if method == "swaps":
+            swaps += _swap_rows(target, values, part_keep, hess, pattern, max_swaps, candidates)
+        # rounded to the output dtype first: the guarantee is about the weight returned
+        values = _least_squares_rows(target, part_keep, hess).to(pruned.dtype).double()
+        after = reconstruction_objective(target, values, exact)
+        worse = after > before[part]
+        kept_rows += int(worse.sum())
+        values[worse], part_keep[worse] = weight[part][worse], keep[part][worse]
+        weight[part], keep[part] = values, part_keep
+    refined = weight.masked_fill(~keep, 0).to(pruned.dtype)
+    return RefineResult(
+        weight=refined,
+        mask=keep,
+        objective_before=float(before.sum()),
+        objective_after=float(reconstruction_objective(dense, refined, exact).sum()),
+        swaps=swaps,
+        rows_kept=kept_rows,
+    )
