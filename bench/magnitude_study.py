@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from denoiserotator.files.assets import fetch_corpus, fetch_smollm2
@@ -163,7 +164,7 @@ def run_mode(
         extra: dict[str, Any] = {"loss_variant": "reference" if kind == "rotate-ref" else "paper"}
         for field in fields:
             key, _, value = field.rpartition("=")
-            extra[key or "optimizer"] = value
+            extra[key or "optimizer"] = yaml.safe_load(value) if key else value  # r1_blocks=4: an int
         rotation = RotationSettings(steps=int(steps), **extra)
     base_pruner = "magnitude" if pruner == "magnitude-row" else pruner
     settings = PruneSettings(pruner=base_pruner, pattern=pattern, rotation=rotation)

@@ -16,6 +16,11 @@ forward time of the exported model. Side by side in one run, JSON out; not a tim
    two post-norms per layer become d×d matrices:
 
     .venv/bin/python -m bench.overheads --families --out bench/results/overheads_families.json
+
+4. With `--r1-blocks 1 2 4 8`, only this: the exported forward overhead of block-diagonal R1
+   (`rotation.r1_blocks`) on random models of LLaMA-3-8B's layer shapes:
+
+    .venv/bin/python -m bench.overheads --r1-blocks 1 2 4 8 --out bench/results/overheads_r1_blocks.json
 """
 
 from __future__ import annotations
@@ -150,6 +155,44 @@ def family_forward_times(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def block_forward_times(args: argparse.Namespace) -> dict[str, Any]:
+    """Forward time of exported models whose R1 has 1, 2, 4, 8... diagonal blocks
+    (`rotation.r1_blocks`), against the unrotated model, on random models of LLaMA-3-8B's layer
+    shapes (d 4096, intermediate 14336, 32 heads, 8 KV heads; `--block-layers` layers, a
+    4096-token vocabulary so the head does not dominate). Rotation-only rows, a few steps: the
+    cost of a boundary does not depend on what was learned. L layers have L − 1 boundaries (the
+    first and last rotations are merged into the embedding and the head)."""
+    from denoiserotator.files.modeling_denoiserotator import BoundaryRotation, attach_boundary_rotations
+    from denoiserotator.method.sequential import PruneSettings, run_pipeline
+    from denoiserotator.settings import RotationSettings
+    from denoiserotator.testing import tiny_model
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, vocab_size=4096, max_position_embeddings=4096)  # fmt: skip
+    layers = args.block_layers
+    ids = torch.randint(0, 4096, (1, args.forward_tokens), generator=torch.Generator().manual_seed(0))
+    models: dict[str, torch.nn.Module] = {"unrotated": tiny_model("llama", num_layers=layers, **shape).eval()}
+    for blocks in args.r1_blocks:
+        rotation = RotationSettings(steps=2, r1_blocks=blocks)
+        settings = PruneSettings(pruner="none", pattern=None, rotation=rotation)
+        result = run_pipeline(tiny_model("llama", num_layers=layers, **shape), ids[:, :32], settings,
+                              progress=False)  # fmt: skip
+        model = attach_boundary_rotations(result.model, result.boundary).eval()
+        applied = {m.blocks for m in model.modules() if isinstance(m, BoundaryRotation)}
+        assert applied == {blocks}, (blocks, applied)
+        models[f"blocks={blocks}"] = model
+    medians = _median_forward_seconds(models, ids, args.repeats)
+    with torch.inference_mode():
+        reference = models["unrotated"](ids).logits
+        difference = {name: float((m(ids).logits - reference).abs().max()) for name, m in models.items()}
+    return {
+        "tokens": args.forward_tokens, "repeats": args.repeats, "layers": layers, **shape,
+        "median_seconds": medians,
+        "over_unrotated": {name: medians[name] / medians["unrotated"] for name in models},
+        "max_logit_difference": difference,
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "resources")
@@ -159,10 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--families", action="store_true", help="only the per-family forward overhead")
+    parser.add_argument("--r1-blocks", type=int, nargs="+", help="only the overhead of these R1 block counts")
+    parser.add_argument("--block-layers", type=int, default=2, help="layers of the --r1-blocks models (≥ 2)")
     parser.add_argument("--child", choices=("none", "denoise"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _peak_rss_child(args)
+        return
+    if args.r1_blocks:
+        report = {"torch_threads": torch.get_num_threads(), "r1_blocks": block_forward_times(args)}
+        write_report(report, args.out)
         return
     if args.families:
         report = {"torch_threads": torch.get_num_threads(), "families": family_forward_times(args)}

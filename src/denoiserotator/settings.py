@@ -317,7 +317,18 @@ class RotationSettings(StageSettings):
     loss_score: Literal[SCORE_NAMES] | None = setting(  # type: ignore[valid-type]
         None, "score of the rotation loss; null = the pruner's own (wanda for the rotation-only row)"
     )
+    loss_groups: Literal["rows", "nm"] = setting(
+        "rows",
+        "rows: the paper's groups (SPEC §3); nm: for N:M rows, each row group's entropy is its "
+        "conditional entropy within the pruner's groups of M consecutive inputs, H(row) − H(group "
+        "totals) (unstructured rows: as rows)",
+    )
     learn_r2: Bool = setting(True, "learn the per-head R2 rotations as well as R1")
+    r1_blocks: PositiveInt = setting(
+        1,
+        "R1 as this many equal diagonal blocks (1: a full d×d rotation, the paper); fewer "
+        "multiply-adds per boundary in the exported model, a smaller search space (paper, Table 9)",
+    )
     optimizer: Literal["cayley", "lbfgs", "paper"] = setting(
         "cayley",
         "cayley: Adam in the tangent space of the orthogonal group with the Cayley retraction, on "
@@ -367,6 +378,7 @@ class RotationSettings(StageSettings):
         ge=0,
     )
 
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"loss_groups": "rows", "r1_blocks": 1}
     # The knobs each optimizer reads; the others cannot change its result.
     OPTIMIZER_KNOBS: ClassVar[dict[str, tuple[str, ...]]] = {
         "paper": ("lr", "betas", "clip"),
@@ -380,6 +392,8 @@ class RotationSettings(StageSettings):
         identity = super().identity()
         unused = {k for knobs in self.OPTIMIZER_KNOBS.values() for k in knobs}
         unused -= set(self.OPTIMIZER_KNOBS[self.optimizer])
+        # settings added after rows were made: at their default they rename no existing row
+        unused |= {key for key, default in self.LATER_DEFAULTS.items() if identity.get(key) == default}
         return {key: value for key, value in identity.items() if key not in unused}
 
     def score_for(self, pruner: str) -> str:

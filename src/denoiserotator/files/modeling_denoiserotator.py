@@ -34,10 +34,14 @@ CONFIG_KEY = "denoiserotator_boundary_layers"
 _HANDLE_ATTR = "_denoiserotator_boundary_hook"
 # Config key listing the layers whose sublayer-output norms carry a d×d matrix (Gemma 3).
 OUTPUT_NORM_KEY = "denoiserotator_output_norm_layers"
+BLOCKS_KEY = "denoiserotator_boundary_blocks"
+MAX_BLOCKS = 64  # block-diagonal R1 (`rotation.r1_blocks`): more blocks than this are not looked for
 
 
 class BoundaryRotation(nn.Module):
-    """Right-multiplies the hidden state by a fixed d×d matrix (identity until loaded or set)."""
+    """Right-multiplies the hidden state by a fixed d×d matrix (identity until loaded or set).
+    With `blocks` > 1 the matrix is block-diagonal (block-diagonal R1) and is applied block by
+    block: d²/blocks multiply-adds per token instead of d²."""
 
     def __init__(
         self, hidden_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None
@@ -46,14 +50,36 @@ class BoundaryRotation(nn.Module):
         # A frozen parameter rather than a buffer: parameters are what HF checkpoints always
         # save and what strict loading reports when missing.
         self.weight = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.blocks = 1
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # In the matrix's precision (fp32 for bf16/fp16 models): an orthogonal matrix rounded to
         # bf16 is visibly non-orthogonal, and the error would compound over the layers.
         # On the matrix's device: under accelerate's device_map this pre-hook runs before the
         # layer's own hook moves its inputs, so the hidden state may still be on the previous GPU.
-        rotated = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype) @ self.weight
-        return rotated.to(hidden_states.dtype)
+        states = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.blocks == 1:
+            return (states @ self.weight).to(hidden_states.dtype)
+        size = self.weight.shape[0] // self.blocks
+        diagonal = self.weight.view(self.blocks, size, self.blocks, size).diagonal(dim1=0, dim2=2)
+        split = states.reshape(*states.shape[:-1], self.blocks, size)
+        rotated = torch.einsum("...bi,ijb->...bj", split, diagonal)
+        return rotated.reshape(states.shape).to(hidden_states.dtype)
+
+
+def block_count(matrix: torch.Tensor, limit: int = MAX_BLOCKS) -> int:
+    """The most equal diagonal blocks (≤ `limit`) outside which `matrix` is exactly zero."""
+    size = matrix.shape[0]
+    for blocks in range(min(limit, size), 1, -1):
+        if size % blocks:
+            continue
+        width = size // blocks
+        outside = torch.ones(blocks, blocks, dtype=torch.bool, device=matrix.device)
+        outside.fill_diagonal_(False)
+        mask = outside.repeat_interleave(width, 0).repeat_interleave(width, 1)
+        if not bool(matrix[mask].any()):
+            return blocks
+    return 1
 
 
 class RotatedOutputNorm(nn.Module):
@@ -134,10 +160,21 @@ def _add_boundary(layer: nn.Module, hidden_size: int, like: torch.Tensor) -> Bou
 
 
 def _set_boundary_layers(model: nn.Module, boundary: dict[int, torch.Tensor | None]) -> None:
-    """Give exactly the layers in `boundary` a rotation (None = identity placeholder); drop the others."""
+    """Give exactly the layers in `boundary` a rotation (None = identity placeholder); drop the others.
+    Block-diagonal matrices (block-diagonal R1) are recorded as such (`BLOCKS_KEY`) and applied
+    block by block; placeholders take the count the config records (a model being loaded)."""
     layers = _decoder_layers(model)
     hidden_size = int(model.config.hidden_size)
     like = model.get_input_embeddings().weight
+    given = [m for m in boundary.values() if m is not None]
+    if given:
+        blocks = min(block_count(m) for m in given)
+        if blocks > 1:
+            setattr(model.config, BLOCKS_KEY, blocks)
+        elif hasattr(model.config, BLOCKS_KEY):
+            delattr(model.config, BLOCKS_KEY)
+    else:
+        blocks = int(getattr(model.config, BLOCKS_KEY, 1) or 1)
     for index, layer in enumerate(layers):
         _remove_boundary(layer)
         if index not in boundary:
@@ -151,6 +188,7 @@ def _set_boundary_layers(model: nn.Module, boundary: dict[int, torch.Tensor | No
                 )
             with torch.no_grad():
                 rotation.weight.copy_(matrix.to(device=rotation.weight.device, dtype=rotation.weight.dtype))
+        rotation.blocks = blocks
     setattr(model.config, CONFIG_KEY, sorted(boundary))
 
 

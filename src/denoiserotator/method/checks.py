@@ -146,6 +146,12 @@ def preflight(settings: Any, adapter: Any) -> None:
                     f"but the config implies {expected_in[name]}"
                 )
             widths[path] = in_features
+    blocks = settings.rotation.r1_blocks if settings.rotation is not None else 1
+    if hidden % blocks:
+        raise SettingError(
+            f"setting rotation.r1_blocks = {blocks}: it does not divide the hidden size {hidden}; "
+            f"allowed: 1, {', '.join(map(str, _divisors(hidden)))}"
+        )
     if settings.pruner != "none":
         pattern = parse_pattern(settings.pattern)
         if pattern.is_nm:

@@ -119,6 +119,15 @@ class PruneSettings:
         return None if self.pruner == "none" else parse_pattern(self.pattern or "")
 
     @property
+    def loss_row_block(self) -> int:
+        """M of the N:M-aware loss: the pattern's M with `rotation.loss_groups: nm` and an N:M
+        pattern, else 0 (the paper's row groups)."""
+        pattern = self.sparsity_pattern
+        if self.rotation is None or self.rotation.loss_groups != "nm" or pattern is None or not pattern.is_nm:
+            return 0
+        return int(pattern.m)  # type: ignore[arg-type]
+
+    @property
     def loss_score(self) -> str | None:
         return None if self.rotation is None else self.rotation.score_for(self.pruner)
 
@@ -208,6 +217,7 @@ def learn_rotations(
         adapter.head_dim,
         variant=settings.rotation.loss_variant,  # type: ignore[arg-type]
         percdamp=settings.pruning.percdamp,
+        row_block=settings.loss_row_block,
     )
     del grams  # the statistics in `problem` are all training needs
     result = train_rotation(problem, settings.rotation, progress=progress, description=description,

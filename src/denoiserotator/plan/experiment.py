@@ -25,7 +25,14 @@ from typing import Any
 from denoiserotator.method.pruners import PRUNERS, parse_pattern
 from denoiserotator.method.pruners.refine import REFINE_METHODS
 from denoiserotator.plan.families import family_problem
-from denoiserotator.settings import ComputeSettings, ModelEntry, PipelineConfig, SettingsError, short_hash
+from denoiserotator.settings import (
+    ComputeSettings,
+    ModelEntry,
+    PipelineConfig,
+    RotationSettings,
+    SettingsError,
+    short_hash,
+)
 
 __all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
 
@@ -136,11 +143,20 @@ class Experiment:
     def calib_id(self) -> str:
         return f"c-{self.calibration.short_id()}"
 
-    def rotation_identity(self, pruner: str) -> dict[str, Any]:
-        """What a rotated row's rotations depend on besides model, pattern and calibration."""
-        identity = {**self.rotation.identity(), "loss_score": self.rotation.score_for(pruner)}
+    def rotation_identity(self, pruner: str, pattern: str | None = None) -> dict[str, Any]:
+        """What a rotated row's rotations depend on besides model, pattern and calibration.
+        `loss_groups: nm` only where it acts: rows with an N:M `pattern`."""
+        identity = self.rotation_settings_for(pattern).identity()
+        identity["loss_score"] = self.rotation.score_for(pruner)
         identity["percdamp"] = self.pruning.percdamp  # the SparseGPT score's damping
         return identity
+
+    def rotation_settings_for(self, pattern: str | None) -> RotationSettings:
+        """The rotation section as a row with `pattern` uses it (the N:M-aware loss groups are
+        the paper's for an unstructured or no pattern)."""
+        if self.rotation.loss_groups == "nm" and (pattern is None or not parse_pattern(pattern).is_nm):
+            return self.rotation.replace(loss_groups="rows")
+        return self.rotation
 
     def refine_identity(self, method: str) -> dict[str, Any]:
         """What a refined row's refinement depends on: its knobs and the damping of its solves."""
@@ -149,7 +165,7 @@ class Experiment:
     def variant_name(self, pruner: str, pattern: str | None, rotation: str, refine: str = "none") -> str:
         if pruner == "none":
             return f"none_dense_dr-{short_hash(self.rotation_identity('none'))}"
-        rslug = "none" if rotation == "none" else f"dr-{short_hash(self.rotation_identity(pruner))}"
+        rslug = "none" if rotation == "none" else f"dr-{short_hash(self.rotation_identity(pruner, pattern))}"
         name = f"{pruner}_{pattern_slug(pattern or '')}_{rslug}"
         return name if refine == "none" else f"{name}_{refine}-{short_hash(self.refine_identity(refine))}"
 
@@ -344,17 +360,18 @@ class Experiment:
             "compute": self.compute_for(model).result_fields(),
         }
         if row.rotation == "denoise":
-            params["rotation"] = self.rotation_settings_used()
+            params["rotation"] = self.rotation_settings_used(None if row.pruner == "none" else row.pattern)
         if row.refine != "none":  # left out of unrefined rows: the refinement knobs rerun none of them
             params["refine"] = self.refinement.identity_for(row.refine)
         return params
 
-    def rotation_settings_used(self) -> dict[str, Any]:
+    def rotation_settings_used(self, pattern: str | None = "2:4") -> dict[str, Any]:
         """The rotation section without the knobs of optimizers that are not selected
-        (`RotationSettings.identity`): what jobs and tables receive, so tuning another optimizer
-        reruns nothing."""
-        used = self.rotation.identity()
-        return {key: value for key, value in self.rotation.to_dict().items() if key in used}
+        (`RotationSettings.identity`), as a row with `pattern` uses it (`rotation_settings_for`):
+        what jobs and tables receive, so tuning another optimizer reruns nothing."""
+        rotation = self.rotation_settings_for(pattern)
+        used = rotation.identity()
+        return {key: value for key, value in rotation.to_dict().items() if key in used}
 
     def ppl_params(self, name: str, row_path: str) -> dict[str, Any]:
         """The perplexity rule's params: the set (its dataset resolved) and the compute fields that

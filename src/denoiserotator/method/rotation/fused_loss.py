@@ -71,6 +71,7 @@ class FusedLayerLoss:
                 columns = matrix.view(matrix.shape[0], heads, hd).transpose(0, 1)
                 self.o_blocks = columns.transpose(-1, -2) @ columns
         self.o_width = w["o"].shape[1]
+        self.row_block = problem.row_block
         self.right = torch.cat([w["o"], w["down"]], dim=1).to(self.operand_dtype)  # Qᵀ [W_o | W_down]
 
     def __call__(self, rotation: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -98,10 +99,11 @@ class FusedLayerLoss:
             diagonal = (expanded * (self.o_blocks @ expanded)).sum(dim=1).reshape(-1)
             f_o = self.o_stat.factor_from_diagonal(diagonal)
 
-        loss = squared_entropy(z_qk, f_attn, rows=True, columns=False)
-        loss = loss + squared_entropy(z_gate_up, f_mlp, rows=True, columns=False)
-        loss = loss + squared_entropy(v, f_attn, rows=True, columns=True)
-        loss = loss + squared_entropy(o, f_o, rows=True, columns=True)
+        block = self.row_block
+        loss = squared_entropy(z_qk, f_attn, rows=True, columns=False, block=block)
+        loss = loss + squared_entropy(z_gate_up, f_mlp, rows=True, columns=False, block=block)
+        loss = loss + squared_entropy(v, f_attn, rows=True, columns=True, block=block)
+        loss = loss + squared_entropy(o, f_o, rows=True, columns=True, block=block)
         loss = loss + squared_entropy(left[:, self.o_width :], None, rows=False, columns=True)
         return loss
 

@@ -13,7 +13,11 @@ import torch
 
 from denoiserotator.logs import rotation_summary
 from denoiserotator.method.rotation.fused_loss import FusedLayerLoss, bf16_products_for
-from denoiserotator.method.rotation.orthogonal import _orthonormalised
+from denoiserotator.method.rotation.orthogonal import (
+    _orthonormalised,
+    block_diagonal_mask,
+    with_masked_gradient,
+)
 from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
 from denoiserotator.settings import RotationSettings
 
@@ -111,7 +115,12 @@ class _BestIterate:
 def _loss_function(problem: LayerProblem, settings: RotationSettings):
     """The loss the fast optimisers evaluate: fused for the paper variant (same function),
     the straightforward bf16 one for the reference variant."""
+    device = problem.weights["q"].device
     if settings.loss_variant == "paper":
-        device = problem.weights["q"].device
-        return FusedLayerLoss(problem, bf16_products=bf16_products_for(settings.matmul_precision, device))
-    return lambda rotation, blocks: layer_loss(problem, rotation, blocks, settings.loss_variant)
+        loss = FusedLayerLoss(problem, bf16_products=bf16_products_for(settings.matmul_precision, device))
+    else:
+        loss = lambda rotation, blocks: layer_loss(problem, rotation, blocks, settings.loss_variant)  # noqa: E731
+    if settings.r1_blocks == 1:
+        return loss
+    mask = block_diagonal_mask(problem.weights["q"].shape[1], settings.r1_blocks, device)
+    return lambda rotation, blocks: loss(with_masked_gradient(rotation, mask), blocks)

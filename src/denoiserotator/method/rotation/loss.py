@@ -100,31 +100,55 @@ def group_entropy(scores: torch.Tensor, dim: int) -> torch.Tensor:
     return -(probabilities * torch.log(probabilities.clamp_min(tiny))).sum()
 
 
+def block_totals(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Per row, the sums of each run of `block` consecutive columns: (rows, cols // block).
+    Raises ValueError when the columns do not split into such runs."""
+    rows, cols = scores.shape
+    if cols % block:
+        raise ValueError(f"{cols} input columns do not split into N:M groups of {block}")
+    return scores.reshape(rows, cols // block, block).sum(dim=2)
+
+
 def linear_entropy(
-    weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool
+    weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool, block: int = 0
 ) -> torch.Tensor:
     """Entropy loss of one (already rotated) weight. Row groups for an input-side rotation,
-    column groups for an output-side one, both summed when rotated on both sides."""
+    column groups for an output-side one, both summed when rotated on both sides.
+
+    `block` = M > 0 (the N:M-aware loss, `rotation.loss_groups: nm`): each row group's entropy
+    becomes its conditional entropy given the N:M group, H(row) − H(group totals) =
+    Σ_g (T_g / T) H(g), which is zero when each group of M consecutive inputs has one important
+    weight and does not reward moving importance between groups, which an N:M pruner cannot
+    use (it prunes N of every group). Column groups are unchanged."""
     scores = weight.square()
     if column_factor is not None:
         scores = scores * column_factor[None, :]
     loss = scores.new_zeros(())
     if rows:
         loss = loss + group_entropy(scores, dim=1)
+        if block:
+            loss = loss - group_entropy(block_totals(scores, block), dim=1)
     if columns:
         loss = loss + group_entropy(scores, dim=0)
     return loss
 
 
 def _entropy_value_and_grads(
-    weight: torch.Tensor, factor: torch.Tensor | None, rows: bool, columns: bool, grads: bool
+    weight: torch.Tensor,
+    factor: torch.Tensor | None,
+    rows: bool,
+    columns: bool,
+    grads: bool,
+    block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`linear_entropy` of `weight` and, with `grads`, its gradients w.r.t. the weight and the
     column factor, from one set of elementwise passes.
 
     With S = W²·c, T = Σ_G S and E = log T − Σ_G S log S / T for each group G, ∂E/∂S =
     (log T − E − log S)/T; an all-zero group has E = 0 and, as in `group_entropy`,
-    ∂E/∂S = −log(tiny). ∂/∂W = 2·c·W·∂E/∂S, ∂/∂c_j = Σ_i W_ij²·∂E/∂S_ij.
+    ∂E/∂S = −log(tiny). ∂/∂W = 2·c·W·∂E/∂S, ∂/∂c_j = Σ_i W_ij²·∂E/∂S_ij. With `block` (row
+    groups only), the entropy B of a row's block totals T_g is subtracted: ∂B/∂S_ij =
+    (log T − B − log T_g)/T for j in block g.
     """
     tiny = torch.finfo(weight.dtype).tiny
     squares = weight * weight
@@ -145,6 +169,15 @@ def _entropy_value_and_grads(
         if grads:
             term = (log_totals - entropy - log_scores) / safe
             grad_scores = term if grad_scores is None else grad_scores + term
+        if dim == 1 and block:
+            blocks = block_totals(scores, block)
+            log_blocks = torch.log(blocks.clamp_min(tiny))
+            mixed = (blocks * log_blocks).sum(dim=1, keepdim=True)
+            between = torch.where(positive, log_totals - mixed / safe, 0.0)
+            loss = loss - between.sum()
+            if grads:
+                spread = log_blocks.repeat_interleave(block, dim=1)
+                grad_scores = grad_scores - (log_totals - between - spread) / safe
     if not grads or grad_scores is None:
         return loss, None, None
     grad_weight = 2.0 * grad_scores * weight
@@ -160,20 +193,20 @@ COMPILE_MIN_ELEMENTS = 1 << 18
 _compiled: dict[str, object] = {}
 
 
-def _value_and_grads(weight, factor, rows, columns, grads):  # type: ignore[no-untyped-def]
+def _value_and_grads(weight, factor, rows, columns, grads, block=0):  # type: ignore[no-untyped-def]
     """`_entropy_value_and_grads`, through torch.compile (inductor) for a large CPU matrix; eager
     otherwise, and from the first compiler failure on (warned once: e.g. no C++ compiler)."""
     if weight.device.type != "cpu" or weight.numel() < COMPILE_MIN_ELEMENTS or _compiled.get("failed"):
-        return _entropy_value_and_grads(weight, factor, rows, columns, grads)
+        return _entropy_value_and_grads(weight, factor, rows, columns, grads, block)
     if "kernel" not in _compiled:
         _compiled["kernel"] = torch.compile(_entropy_value_and_grads, dynamic=False)
     kernel = _compiled["kernel"]
     try:
-        return kernel(weight, factor, rows, columns, grads)
+        return kernel(weight, factor, rows, columns, grads, block)
     except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
         logging.getLogger(__name__).warning("torch.compile of the entropy kernel failed (%s); eager", error)
         _compiled["failed"] = True
-        return _entropy_value_and_grads(weight, factor, rows, columns, grads)
+        return _entropy_value_and_grads(weight, factor, rows, columns, grads, block)
 
 
 class _SquaredEntropy(torch.autograd.Function):
@@ -181,9 +214,9 @@ class _SquaredEntropy(torch.autograd.Function):
     no graph, and the backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, weight, factor, rows, columns):  # type: ignore[override]
+    def forward(ctx, weight, factor, rows, columns, block):  # type: ignore[override]
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, grad_weight, grad_factor = _value_and_grads(weight, factor, rows, columns, grads)
+        loss, grad_weight, grad_factor = _value_and_grads(weight, factor, rows, columns, grads, block)
         ctx.grads = (grad_weight, grad_factor if ctx.needs_input_grad[1] else None)
         return loss
 
@@ -196,12 +229,13 @@ class _SquaredEntropy(torch.autograd.Function):
             None if grad_factor is None else grad_factor * grad_output,
             None,
             None,
+            None,
         )
 
 
 def squared_entropy(
-    weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool
+    weight: torch.Tensor, column_factor: torch.Tensor | None, rows: bool, columns: bool, block: int = 0
 ) -> torch.Tensor:
     """Same value and gradient as `linear_entropy`, both computed in the forward pass (compiled
     for large CPU matrices)."""
-    return _SquaredEntropy.apply(weight, column_factor, rows, columns)
+    return _SquaredEntropy.apply(weight, column_factor, rows, columns, block)

@@ -20,6 +20,21 @@ def cayley_retract(rotation: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.linalg.solve(eye - skew / 2, rotation, left=False) - rotation
 
 
+def block_diagonal_mask(size: int, blocks: int, device: torch.device | None = None) -> torch.Tensor:
+    """(size, size) float mask, 1 on `blocks` equal diagonal blocks (block-diagonal R1).
+    Raises ValueError when `size` does not split into them."""
+    if blocks < 1 or size % blocks:
+        raise ValueError(f"rotation.r1_blocks {blocks} does not divide the hidden size {size}")
+    eye = torch.eye(blocks, device=device)
+    return eye.repeat_interleave(size // blocks, 0).repeat_interleave(size // blocks, 1)
+
+
+def with_masked_gradient(matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`matrix` itself, whose gradient is `mask` ⊙ the gradient: a block-diagonal R1 stays
+    block-diagonal under every optimizer (Cayley and QR steps keep the zero pattern exactly)."""
+    return matrix * mask + (matrix * (1 - mask)).detach()
+
+
 def _skew(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix - matrix.transpose(-1, -2)) / 2
 

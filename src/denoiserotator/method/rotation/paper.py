@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from denoiserotator.method.rotation.fused_loss import loss_matmul_precision
 from denoiserotator.method.rotation.iterate import STOP_BUDGET, RotationResult, StepCallback, _BestIterate
-from denoiserotator.method.rotation.orthogonal import orthogonal_from
+from denoiserotator.method.rotation.orthogonal import block_diagonal_mask, orthogonal_from
 from denoiserotator.method.rotation.problem import LayerProblem, layer_loss
 from denoiserotator.settings import RotationSettings
 
@@ -32,6 +32,8 @@ def _train_paper(
     free_blocks = identity_blocks.clone().requires_grad_(settings.learn_r2)
     parameters = [free_rotation] + ([free_blocks] if settings.learn_r2 else [])
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
+    # block-diagonal R1: the free matrix stays block-diagonal, and so does its QR factor
+    mask = block_diagonal_mask(free_rotation.shape[0], settings.r1_blocks, free_rotation.device)
 
     progress = _BestIterate((identity_rotation, identity_blocks), description)
     steps_run = 0
@@ -56,6 +58,8 @@ def _train_paper(
         optimizer.zero_grad(set_to_none=True)
         with loss_matmul_precision(settings.matmul_precision, free_rotation.device):
             loss.backward()
+        if settings.r1_blocks > 1:
+            free_rotation.grad.mul_(mask)  # type: ignore[union-attr]
         norm = torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
         if not torch.isfinite(norm):
             log.warning("%s: non-finite gradient at step %d; stopping early", description, step)

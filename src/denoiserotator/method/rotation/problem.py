@@ -30,13 +30,15 @@ def loss_statistic_inputs(variant: LossVariant = "paper") -> dict[str, str]:
 
 @dataclass
 class LayerProblem:
-    """Frozen, norm-folded weights of one layer and the input statistics of its linears."""
+    """Frozen, norm-folded weights of one layer and the input statistics of its linears.
+    `row_block`: M of the N:M-aware loss (`linear_entropy`'s `block`; 0 = the paper's loss)."""
 
     weights: dict[str, torch.Tensor]
     inputs: dict[str, InputStatistic]
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    row_block: int = 0
 
     @classmethod
     def from_layer(
@@ -49,6 +51,7 @@ class LayerProblem:
         head_dim: int,
         variant: LossVariant = "paper",
         percdamp: float = 0.01,
+        row_block: int = 0,
     ) -> LayerProblem:
         """`grams` holds the Gram matrix of the inputs of the linears in
         `loss_statistic_inputs(variant)`, keyed by linear name (others are ignored)."""
@@ -63,6 +66,7 @@ class LayerProblem:
             num_heads,
             num_kv_heads,
             head_dim,
+            row_block,
         )
 
     def identity(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +103,14 @@ def layer_loss(
 
     # SPEC §2 fusion: q, k, gate, up: W R1; v: R2vᵀ W R1; o: R1ᵀ W R2o; down: R1ᵀ W.
     # Groups (SPEC §3): rows for an input-side rotation, columns for an output-side one.
-    loss = linear_entropy(weight["q"] @ r1, factors["attn"], rows=True, columns=False)
-    loss = loss + linear_entropy(weight["k"] @ r1, factors["attn"], rows=True, columns=False)
-    loss = loss + linear_entropy(r2v.T @ weight["v"] @ r1, factors["attn"], rows=True, columns=True)
-    loss = loss + linear_entropy(r1.T @ weight["o"] @ r2o, factors["o"], rows=True, columns=True)
-    loss = loss + linear_entropy(weight["gate"] @ r1, factors["mlp"], rows=True, columns=False)
-    loss = loss + linear_entropy(weight["up"] @ r1, factors["mlp"], rows=True, columns=False)
+    # The N:M-aware loss (`row_block`) changes the row groups only.
+    block = problem.row_block
+    loss = linear_entropy(weight["q"] @ r1, factors["attn"], rows=True, columns=False, block=block)
+    loss = loss + linear_entropy(weight["k"] @ r1, factors["attn"], rows=True, columns=False, block=block)
+    v, o = r2v.T @ weight["v"] @ r1, r1.T @ weight["o"] @ r2o
+    loss = loss + linear_entropy(v, factors["attn"], rows=True, columns=True, block=block)
+    loss = loss + linear_entropy(o, factors["o"], rows=True, columns=True, block=block)
+    loss = loss + linear_entropy(weight["gate"] @ r1, factors["mlp"], rows=True, columns=False, block=block)
+    loss = loss + linear_entropy(weight["up"] @ r1, factors["mlp"], rows=True, columns=False, block=block)
     loss = loss + linear_entropy(r1.T @ weight["down"], factors["down"], rows=False, columns=True)
     return loss.to(torch.promote_types(torch.float32, compute_dtype))
