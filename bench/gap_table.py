@@ -37,8 +37,12 @@ def _spread(values: list[float]) -> dict[str, Any]:
 SMOLLM2_LAYERS = 30  # magnitude_study's model; fewer processed layers give no model perplexity
 
 
-def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every run of every file; a (seed, pruner, pattern, mode) measured twice is refused."""
+def load_runs(
+    paths: list[Path], latest: bool = False, seeds: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Every run of every file; a (seed, pruner, pattern, mode) measured twice is refused, or
+    with `latest` the later file's run replaces the earlier one (a remeasurement with newer
+    code: the replaced file is named on stderr). `seeds`: only these seeds' runs."""
     runs: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], Path] = {}
     for path in paths:
@@ -47,13 +51,18 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
             print(f"{path}: {report['layers']} layers, not the whole model: skipped", file=sys.stderr)
             continue
         for run in report["runs"]:
+            if seeds is not None and run["seed"] not in seeds:
+                continue
             key = (run["seed"], run["pruner"], run.get("pattern"), run["mode"])
             if run["mode"] == "dense":
                 key = (run["seed"], "none", None, "dense")
                 if key in seen:  # every file measures dense; equal calibration gives the same value
                     continue
             elif key in seen:
-                raise SystemExit(f"{key} is in both {seen[key]} and {path}")
+                if not latest:
+                    raise SystemExit(f"{key} is in both {seen[key]} and {path}")
+                print(f"{key}: {path} replaces {seen[key]}", file=sys.stderr)
+                runs = [r for r in runs if (r["seed"], r["pruner"], r.get("pattern"), r["mode"]) != key]
             seen[key] = path
             runs.append(run)
     return runs
@@ -140,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--modes", nargs="+", help="the table's rotated modes, in order (default: all)")
     parser.add_argument("--label", nargs="+", default=[], metavar="MODE=TEXT", help="column names")
+    parser.add_argument("--latest", action="store_true", help="a run measured again: the later file's counts")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these calibration seeds")
     args = parser.parse_args(argv)
-    table = gap_table(load_runs(args.files), tuple(args.compare) if args.compare else None)
+    runs = load_runs(args.files, args.latest, args.seeds)
+    table = gap_table(runs, tuple(args.compare) if args.compare else None)
     print(json.dumps(table, indent=1))
     if args.markdown:
         modes = args.modes or sorted({mode for row in table["rows"] for mode in row["modes"]})

@@ -52,3 +52,17 @@ def test_a_run_measured_twice_is_refused(tmp_path: Path) -> None:
     runs = [(0, "dense", "", 10.0), (0, "plain", "wanda", 30.0), (0, "rot", "wanda", 20.0)]
     with pytest.raises(SystemExit, match="in both"):
         gap.load_runs([_report(tmp_path / "a.json", runs), _report(tmp_path / "b.json", runs)])
+
+
+def test_a_remeasured_run_replaces_the_earlier_one_with_latest_and_seeds_filter(tmp_path: Path) -> None:
+    gap = _gap_table()
+    old = _report(tmp_path / "a.json", [(0, "dense", "", 10.0), (0, "plain", "wanda", 30.0),
+                                        (0, "rot", "wanda", 20.0), (1, "dense", "", 10.0),
+                                        (1, "plain", "wanda", 30.0), (1, "rot", "wanda", 25.0)])  # fmt: skip
+    new = _report(tmp_path / "b.json", [(0, "rot", "wanda", 15.0), (0, "rot+swaps", "wanda", 12.0)])
+    runs = gap.load_runs([old, new], latest=True, seeds=[0])
+    assert {r["seed"] for r in runs} == {0}
+    (row,) = gap.gap_table(runs, ("rot+swaps", "rot"))["rows"]
+    assert row["modes"]["rot"]["share_closed"]["values"] == pytest.approx([0.75])  # the newer run
+    assert row["modes"]["rot+swaps"]["share_closed"]["values"] == pytest.approx([0.9])
+    assert row["share_difference"]["values"] == pytest.approx([0.15])
