@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from denoiserotator.method.adapters import FAMILIES
-from denoiserotator.method.pruners import PRUNERS
+from denoiserotator.method.pruners import PRUNERS, SparsityPattern, parse_pattern
 from denoiserotator.method.pruners.refine import REFINE_METHODS
 
 __all__ = [
@@ -395,6 +395,13 @@ class RotationSettings(StageSettings):
         # settings added after rows were made: at their default they rename no existing row
         unused |= {key for key, default in self.LATER_DEFAULTS.items() if identity.get(key) == default}
         return {key: value for key, value in identity.items() if key not in unused}
+
+    def for_pattern(self, pattern: str | SparsityPattern | None) -> RotationSettings:
+        """These settings as a row with `pattern` uses them: the N:M-aware loss groups act only
+        on N:M patterns (None: the rotation-only row), elsewhere they are the paper's."""
+        if self.loss_groups == "nm" and (pattern is None or not parse_pattern(pattern).is_nm):
+            return self.replace(loss_groups="rows")
+        return self
 
     def score_for(self, pruner: str) -> str:
         """The score the loss uses for `pruner` ("none" = the rotation-only row)."""

@@ -70,6 +70,9 @@ def test_a_block_boundary_is_applied_as_the_dense_product() -> None:
     torch.testing.assert_close(rotation(states), states @ dense)
     dense[0, 31] = 1e-3  # one entry outside the blocks: not block-diagonal any more
     assert block_count(dense) == 1
+    assert block_count(torch.eye(32)) == 32 and block_count(torch.eye(32), limit=6) == 4
+    two = torch.block_diag(torch.ones(16, 16), torch.zeros(16, 16))  # all-zero rows fit any block
+    assert block_count(two) == 2
 
 
 def test_a_block_count_that_does_not_divide_the_hidden_size_is_refused_before_any_work() -> None:

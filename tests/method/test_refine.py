@@ -51,7 +51,6 @@ def test_refinement_lowers_the_objective_and_keeps_the_exact_pattern(
         assert result.objective_after == pytest.approx(float(after.sum()), rel=1e-12)
         # exact pattern: the same count per row (per group of M) as the pruner's, zeros where pruned
         assert torch.equal(_row_counts(result.mask, pattern), _row_counts(pruned.mask, pattern))
-        assert torch.equal(result.weight != 0, result.mask & (result.weight != 0))
         assert not bool(result.weight[~result.mask].any())
 
 
@@ -83,7 +82,7 @@ def test_least_squares_matches_a_per_row_solve() -> None:
         torch.testing.assert_close(result.weight[row].double(), expected.to(torch.float32).double())
 
 
-def test_a_swap_lowers_the_objective_by_exactly_its_predicted_change(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_swap_lowers_the_objective_by_exactly_its_predicted_change() -> None:
     """One swap per row, no least squares: the objective falls by the closed-form Δ."""
     weight, gram = _problem(5, rows=8, cols=16)
     spec = parse_pattern("2:4")

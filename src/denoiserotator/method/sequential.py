@@ -123,9 +123,9 @@ class PruneSettings:
         """M of the N:M-aware loss: the pattern's M with `rotation.loss_groups: nm` and an N:M
         pattern, else 0 (the paper's row groups)."""
         pattern = self.sparsity_pattern
-        if self.rotation is None or self.rotation.loss_groups != "nm" or pattern is None or not pattern.is_nm:
+        if self.rotation is None or self.rotation.for_pattern(pattern).loss_groups != "nm":
             return 0
-        return int(pattern.m)  # type: ignore[arg-type]
+        return int(pattern.m)  # type: ignore[union-attr]
 
     @property
     def loss_score(self) -> str | None:
@@ -150,12 +150,8 @@ class PruneSettings:
             },
         }
         if self.refine != "none":  # absent otherwise: the checkpoints of unrefined jobs keep their keys
-            identity["refine"] = self.refinement_identity()
+            identity["refine"] = self.refinement.identity_for(self.refine)
         return identity
-
-    def refinement_identity(self) -> dict[str, Any]:
-        """The refinement a refined job's id hashes (`RefinementSettings.identity_for`)."""
-        return self.refinement.identity_for(self.refine)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record of the job, stored with its outputs."""
@@ -168,7 +164,7 @@ class PruneSettings:
             else {**self.rotation.to_dict(), "loss_score": self.loss_score},
             "pruning": self.pruning.to_dict(),
             "compute": self.compute.to_dict(),
-            "refine": None if self.refine == "none" else self.refinement_identity(),
+            "refine": None if self.refine == "none" else self.refinement.identity_for(self.refine),
         }
 
 
@@ -266,7 +262,7 @@ def prune_groups(
             pruned = prune_weight(
                 settings.pruner,
                 dense,
-                grams.get(name) if settings.pruner != "magnitude" else None,
+                grams.get(name),  # magnitude reads none
                 pattern,
                 blocksize=settings.pruning.sparsegpt_blocksize,
                 percdamp=settings.pruning.percdamp,
@@ -279,9 +275,7 @@ def prune_groups(
                     percdamp=settings.pruning.percdamp,
                 )  # fmt: skip
                 refine_seconds += time.perf_counter() - started
-                scale = max(float(_output_energy(dense, grams[name])), 1e-30)
-                objectives = (result.objective_before, result.objective_after)
-                refined[name] = [(objective / scale) ** 0.5 for objective in objectives]
+                refined[name] = list(result.relative_errors)
                 pruned.weight = result.weight
             linear.weight.data = pruned.weight.to(linear.weight.dtype)
             damping[name] = pruned.damping
@@ -291,12 +285,6 @@ def prune_groups(
     if refined:
         record.update(refine_error=refined, refine_seconds=refine_seconds)
     return record
-
-
-def _output_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """tr(W H Wᵀ) in fp64: the scale of a linear's reconstruction error."""
-    w = weight.double().to(gram.device)
-    return ((w @ gram.double()) * w).sum()
 
 
 def to_basis(hidden: list[torch.Tensor], r1: torch.Tensor | None) -> list[torch.Tensor]:

@@ -42,7 +42,7 @@ from denoiserotator.plan.cluster import (  # noqa: F401  (re-exported: the limit
     Site,
     SiteError,
 )
-from denoiserotator.plan.experiment import Experiment, pattern_from_slug
+from denoiserotator.plan.experiment import Experiment, variant_parts
 
 # Host memory per parameter-GB of the model, by stage: what each holds besides the weights.
 # sparsity: 0, the read-back streams one tensor at a time (export.folder_sparsity), so 3 GB suffice.
@@ -296,12 +296,12 @@ def _pruner_and_nm(variant: str | None) -> tuple[str, int | None, float, str]:
     """(pruner, M of an N:M pattern, sparsity, refinement) of a prune job's folder name."""
     if variant is None:
         return "sparsegpt", None, 0.5, "none"
-    pruner, pattern_slug, _, *refined = variant.split("_")
+    pruner, name, _, refine = variant_parts(variant)
     if pruner == "none":
         return "none", None, 0.0, "none"
-    pattern = parse_pattern(pattern_from_slug(pattern_slug))
+    pattern = parse_pattern(name)
     nm = None if pattern.kind != "nm" else int(pattern.m)  # type: ignore[arg-type]
-    return pruner, nm, pattern.sparsity, refined[0].split("-")[0] if refined else "none"
+    return pruner, nm, pattern.sparsity, refine
 
 
 def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None = None) -> flops.Work:

@@ -34,7 +34,7 @@ from denoiserotator.settings import (
     short_hash,
 )
 
-__all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug"]
+__all__ = ["Experiment", "Row", "VARIANT_RE", "ROW_RE", "pattern_slug", "pattern_from_slug", "variant_parts"]
 
 _PRUNER_RE = "|".join(PRUNERS)
 _REFINE_RE = "|".join(method for method in REFINE_METHODS if method != "none")
@@ -57,6 +57,16 @@ def pattern_slug(pattern: str) -> str:
 
 def pattern_from_slug(slug: str) -> str:
     return slug.replace("pct", "%").replace("-", ":")
+
+
+def variant_parts(variant: str) -> tuple[str, str, str, str]:
+    """(pruner, pattern, rotation, refine) of a prune job's folder name (`VARIANT_RE`):
+    "wanda_2-4_dr-1a2b3c4d_swaps-5e6f7a8b" -> ("wanda", "2:4", "denoise", "swaps"); the pattern
+    is "dense" for the rotation-only row."""
+    pruner, pslug, rslug, *refined = variant.split("_")
+    pattern = "dense" if pruner == "none" else pattern_from_slug(pslug)
+    rotation = "none" if rslug == "none" else "denoise"
+    return pruner, pattern, rotation, refined[0].split("-")[0] if refined else "none"
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,7 @@ class Row:
             return cls(model, "none", "dense", "none")
         calib, variant = parts[1], parts[2]
         lora = parts[3] if len(parts) > 3 else None
-        pruner, pslug, rslug, *refined = variant.split("_")
-        pattern = "dense" if pruner == "none" else pattern_from_slug(pslug)
-        rotation = "none" if rslug == "none" else "denoise"
-        refine = refined[0].split("-")[0] if refined else "none"
+        pruner, pattern, rotation, refine = variant_parts(variant)
         finetune = "lora" if lora else "none"
         return cls(model, pruner, pattern, rotation, finetune, calib, variant, lora, refine)
 
@@ -146,17 +153,10 @@ class Experiment:
     def rotation_identity(self, pruner: str, pattern: str | None = None) -> dict[str, Any]:
         """What a rotated row's rotations depend on besides model, pattern and calibration.
         `loss_groups: nm` only where it acts: rows with an N:M `pattern`."""
-        identity = self.rotation_settings_for(pattern).identity()
+        identity = self.rotation.for_pattern(pattern).identity()
         identity["loss_score"] = self.rotation.score_for(pruner)
         identity["percdamp"] = self.pruning.percdamp  # the SparseGPT score's damping
         return identity
-
-    def rotation_settings_for(self, pattern: str | None) -> RotationSettings:
-        """The rotation section as a row with `pattern` uses it (the N:M-aware loss groups are
-        the paper's for an unstructured or no pattern)."""
-        if self.rotation.loss_groups == "nm" and (pattern is None or not parse_pattern(pattern).is_nm):
-            return self.rotation.replace(loss_groups="rows")
-        return self.rotation
 
     def refine_identity(self, method: str) -> dict[str, Any]:
         """What a refined row's refinement depends on: its knobs and the damping of its solves."""
@@ -360,16 +360,17 @@ class Experiment:
             "compute": self.compute_for(model).result_fields(),
         }
         if row.rotation == "denoise":
-            params["rotation"] = self.rotation_settings_used(None if row.pruner == "none" else row.pattern)
+            pattern = None if row.pruner == "none" else row.pattern
+            params["rotation"] = self.rotation_settings_used(self.rotation.for_pattern(pattern))
         if row.refine != "none":  # left out of unrefined rows: the refinement knobs rerun none of them
             params["refine"] = self.refinement.identity_for(row.refine)
         return params
 
-    def rotation_settings_used(self, pattern: str | None = "2:4") -> dict[str, Any]:
-        """The rotation section without the knobs of optimizers that are not selected
-        (`RotationSettings.identity`), as a row with `pattern` uses it (`rotation_settings_for`):
-        what jobs and tables receive, so tuning another optimizer reruns nothing."""
-        rotation = self.rotation_settings_for(pattern)
+    def rotation_settings_used(self, rotation: RotationSettings | None = None) -> dict[str, Any]:
+        """The rotation section (or `rotation`, e.g. `RotationSettings.for_pattern` of a row's)
+        without the knobs of optimizers that are not selected (`RotationSettings.identity`): what
+        jobs and tables receive, so tuning another optimizer reruns nothing."""
+        rotation = rotation or self.rotation
         used = rotation.identity()
         return {key: value for key, value in rotation.to_dict().items() if key in used}
 

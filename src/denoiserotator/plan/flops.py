@@ -435,8 +435,9 @@ def refine_linear(
     method: str, rows: int, cols: int, sparsity: float, max_swaps: int = 100, candidates: int = 16,
     nm: int | None = None,
 ) -> Work:
-    """`pruners.refine.refine_weight` of a (rows, cols) weight, all fp64. Counted products: the
-    right-hand sides W·H and three objectives (Δ·H) of 2 · rows · cols² each. Not counted: one
+    """`pruners.refine.refine_weight` of a (rows, cols) weight, all fp64. Counted products, of
+    2 · rows · cols² each: the right-hand sides W·H, the objectives Δ·H before and after, and the
+    scale W·H of tr(W H Wᵀ). Not counted: one
     Cholesky (k³/3) and its solve (2k²) per row for the k = (1 − sparsity) · cols kept weights.
     Swaps add g = Δ·H (2 · rows · cols², counted) and, per swap step, the elementwise search
     (≈ 12 · rows · cols), the candidate pairs (6 · rows · candidates²; N:M: 6 · rows · cols · M)

@@ -49,8 +49,15 @@ class RefineResult:
     mask: torch.Tensor  # bool (out, in), True = kept; same count per row (per N:M group) as before
     objective_before: float  # f of the pruner's weight, undamped H
     objective_after: float  # f of the refined weight, ≤ objective_before
+    energy: float  # tr(W H Wᵀ) of the dense weight: f of pruning everything
     swaps: int  # swaps applied, over all rows
     rows_kept: int  # rows returned unchanged because their refinement would raise f
+
+    @property
+    def relative_errors(self) -> tuple[float, float]:
+        """sqrt(f / tr(W H Wᵀ)) before and after refinement."""
+        scale = max(self.energy, 1e-30)
+        return (self.objective_before / scale) ** 0.5, (self.objective_after / scale) ** 0.5
 
 
 def reconstruction_objective(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -190,28 +197,33 @@ def refine_weight(
     exact = gram.detach().to(device=device, dtype=torch.float64)
     weight = pruned.detach().to(torch.float64, copy=True)
     keep = mask.detach().to(torch.bool, copy=True)
-    before = reconstruction_objective(dense, pruned, exact)
+    totals = {"before": 0.0, "after": 0.0, "energy": 0.0}
     swaps, kept_rows = 0, 0
     chunk = _row_chunk(cols, int(keep.sum(dim=1).max()))
     for start in range(0, rows, chunk):
         part = slice(start, min(start + chunk, rows))
         target = dense[part].double()
+        # the same arithmetic before and after, so that "not worse" is exact
+        before = reconstruction_objective(target, weight[part], exact)
         values, part_keep = weight[part].clone(), keep[part].clone()
         if method == "swaps":
             swaps += _swap_rows(target, values, part_keep, hess, pattern, max_swaps, candidates)
         # rounded to the output dtype first: the guarantee is about the weight returned
         values = _least_squares_rows(target, part_keep, hess).to(pruned.dtype).double()
         after = reconstruction_objective(target, values, exact)
-        worse = after > before[part]
+        worse = after > before
         kept_rows += int(worse.sum())
         values[worse], part_keep[worse] = weight[part][worse], keep[part][worse]
         weight[part], keep[part] = values, part_keep
-    refined = weight.masked_fill(~keep, 0).to(pruned.dtype)
+        totals["before"] += float(before.sum())
+        totals["after"] += float(torch.where(worse, before, after).sum())
+        totals["energy"] += float(reconstruction_objective(target, torch.zeros_like(target), exact).sum())
     return RefineResult(
-        weight=refined,
+        weight=weight.to(pruned.dtype),  # zero off the mask: the pruner's rows, or the solves'
         mask=keep,
-        objective_before=float(before.sum()),
-        objective_after=float(reconstruction_objective(dense, refined, exact).sum()),
+        objective_before=totals["before"],
+        objective_after=totals["after"],
+        energy=totals["energy"],
         swaps=swaps,
         rows_kept=kept_rows,
     )

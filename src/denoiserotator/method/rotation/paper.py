@@ -33,7 +33,11 @@ def _train_paper(
     parameters = [free_rotation] + ([free_blocks] if settings.learn_r2 else [])
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
     # block-diagonal R1: the free matrix stays block-diagonal, and so does its QR factor
-    mask = block_diagonal_mask(free_rotation.shape[0], settings.r1_blocks, free_rotation.device)
+    mask = (
+        block_diagonal_mask(free_rotation.shape[0], settings.r1_blocks, free_rotation.device)
+        if settings.r1_blocks > 1
+        else None
+    )
 
     progress = _BestIterate((identity_rotation, identity_blocks), description)
     steps_run = 0
@@ -58,7 +62,7 @@ def _train_paper(
         optimizer.zero_grad(set_to_none=True)
         with loss_matmul_precision(settings.matmul_precision, free_rotation.device):
             loss.backward()
-        if settings.r1_blocks > 1:
+        if mask is not None:
             free_rotation.grad.mul_(mask)  # type: ignore[union-attr]
         norm = torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
         if not torch.isfinite(norm):
