@@ -82,6 +82,32 @@ def test_least_squares_matches_a_per_row_solve() -> None:
         torch.testing.assert_close(result.weight[row].double(), expected.to(torch.float32).double())
 
 
+def test_fp32_factors_with_fp64_polishing_give_the_fp64_solution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp32 Cholesky path is polished to the fp64 solve, on an ill-conditioned Gram (a tiny
+    damping), and falls back to fp64 factors when the fp32 ones fail."""
+    weight, gram = _problem(4, rows=40, cols=64, tokens=48)  # rank 48 < 64: singular before damping
+    spec = parse_pattern("50%")
+    pruned = prune_weight("magnitude", weight, gram, spec)  # uneven counts: padded systems
+    hess = refine_module._damped(gram, 1e-6, weight.device)
+    assert float(torch.linalg.cond(hess)) > 1e7
+    factored: list[torch.dtype] = []
+    cholesky = torch.linalg.cholesky_ex
+
+    def recording(system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        factored.append(system.dtype)
+        return cholesky(system)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
+    exact = refine_module._least_squares_rows(weight.double(), pruned.mask, hess)
+    mixed = refine_module._least_squares_rows(weight.double(), pruned.mask, hess, hess.float())
+    assert factored == [torch.float64, torch.float32], "the polished result must come from fp32 factors"
+    torch.testing.assert_close(mixed, exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
+    # an fp32 Gram whose factor fails (not positive definite): the fp64 factors take over
+    broken = refine_module._least_squares_rows(weight.double(), pruned.mask, hess, -hess.float())
+    assert factored[2:] == [torch.float32, torch.float64]
+    torch.testing.assert_close(broken, exact, rtol=1e-12, atol=0.0)
+
+
 def test_a_swap_lowers_the_objective_by_exactly_its_predicted_change() -> None:
     """One swap per row, no least squares: the objective falls by the closed-form Δ."""
     weight, gram = _problem(5, rows=8, cols=16)
@@ -116,7 +142,9 @@ def test_a_row_that_would_get_worse_is_returned_unchanged(monkeypatch: pytest.Mo
     spec = parse_pattern("50%")
     pruned = prune_weight("sparsegpt", weight, gram, spec)
     # a least-squares step that returns garbage for every row: the guard must keep the input
-    monkeypatch.setattr(refine_module, "_least_squares_rows", lambda dense, keep, hess: dense * keep * 3.0)
+    monkeypatch.setattr(
+        refine_module, "_least_squares_rows", lambda dense, keep, hess, *low: dense * keep * 3.0
+    )
     result = refine_weight(weight, pruned.weight, pruned.mask, gram, spec, "lsq")
     assert result.rows_kept == weight.shape[0]
     assert torch.equal(result.weight, pruned.weight)
