@@ -562,8 +562,10 @@ class PerplexitySettings(StageSettings):
 
 
 ROW_SELECTOR_HELP = (
-    "pruner/pattern[/rotation[/finetune]] (pruner one of none, {pruners}; none/dense for the dense "
-    "and rotation-only rows; rotation none|denoise; finetune none|lora)"
+    "pruner/pattern[/rotation[/finetune[/refine]]] (pruner one of none, {pruners}; none/dense for the "
+    "dense and rotation-only rows; rotation none|denoise; finetune none|lora; refine "
+    + "|".join(REFINE_METHODS)
+    + ")"
 )
 
 
@@ -583,8 +585,9 @@ class ZeroshotSettings(StageSettings):
     fixture_seed: Int = setting(0, "seed of the local fixtures")
     rows: tuple[Str, ...] | None = setting(
         None,
-        "rows that get zero-shot, as pruner/pattern[/rotation[/finetune]] (e.g. wanda/2:4: both "
-        "rotations and every finetune; none/dense/none: the dense row only); null = every row",
+        "rows that get zero-shot, as pruner/pattern[/rotation[/finetune[/refine]]] (e.g. wanda/2:4: "
+        "both rotations, every finetune and refinement; none/dense/none: the dense row only; "
+        "wanda/2:4/denoise/none/none: not the refined ones); null = every row",
     )
 
     @field_validator("tasks")
@@ -601,14 +604,16 @@ class ZeroshotSettings(StageSettings):
             parts = selector.split("/")
             pruner, pattern = parts[0], parts[1] if len(parts) > 1 else ""
             rotation_ok = parts[2:3] in ([], ["none"], ["denoise"])
-            finetune_ok = parts[3:] in ([], ["none"], ["lora"])
+            finetune_ok = parts[3:4] in ([], ["none"], ["lora"])
+            refine_ok = parts[4:] in ([], *([method] for method in REFINE_METHODS))
             if (
-                len(parts) not in (2, 3, 4)
+                len(parts) not in (2, 3, 4, 5)
                 or pruner not in ("none", *PRUNERS)
                 or not pattern
                 or (pruner == "none") != (pattern == "dense")
                 or not rotation_ok
                 or not finetune_ok
+                or not refine_ok
             ):
                 raise ValueError(
                     f"{selector!r} is not " + ROW_SELECTOR_HELP.format(pruners=", ".join(PRUNERS))

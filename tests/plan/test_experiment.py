@@ -135,10 +135,25 @@ def test_zeroshot_rows_select_rows_without_changing_their_files() -> None:
               if "zeroshot" in only.row_files(r)]  # fmt: skip
     assert chosen == [("none", "dense", "none", "none"), ("sparsegpt", "50%", "denoise", "none")]
     bad_selectors = ("wanda", "none/50%", "wanda/dense", "owl/50%", "wanda/50%/yes", "wanda/50%/none/x",
-                     "wanda/50%/none/none/none")  # fmt: skip
+                     "wanda/50%/none/none/best", "wanda/50%/none/none/none/none")  # fmt: skip
     for bad in ([selector] for selector in bad_selectors):
         with pytest.raises(Exception, match="pruner/pattern"):
             Experiment(load("demo.yaml", eval={"zeroshot": {"rows": bad}}))
+
+
+def test_a_zeroshot_selector_can_name_the_refinement() -> None:
+    """Claim: a fifth selector part picks refined or unrefined rows; without it both match."""
+    grid = {"refine": ["none", "swaps"], "eval": {"zeroshot": {"rows": None}}}
+
+    def chosen(*selectors: str) -> list[tuple[str, str, str]]:
+        exp = Experiment(load("demo.yaml", **{**grid, "eval": {"zeroshot": {"rows": list(selectors)}}}))
+        wanda_24 = [r for r in exp.rows() if r.pruner == "wanda" and r.pattern == "2:4"]
+        return sorted((r.rotation, r.finetune, r.refine) for r in wanda_24 if "zeroshot" in exp.row_files(r))
+
+    assert chosen("wanda/2:4/denoise/none/none") == [("denoise", "none", "none")]
+    assert chosen("wanda/2:4/denoise/none/swaps") == [("denoise", "none", "swaps")]
+    assert chosen("wanda/2:4/denoise/none") == [("denoise", "none", "none"), ("denoise", "none", "swaps")]
+    assert ("none", "none", "swaps") in chosen("wanda/2:4")
 
 
 def test_evaluation_params_carry_the_model_dtype() -> None:

@@ -296,14 +296,14 @@ class Experiment:
 
     def zeroshot_selected(self, row: Row) -> bool:
         """Whether `row` gets a zero-shot evaluation (`eval.zeroshot.rows`: null = every row; else
-        a `pruner/pattern[/rotation[/finetune]]` match; parts left out match anything)."""
+        a `pruner/pattern[/rotation[/finetune[/refine]]]` match; parts left out match anything)."""
         if self.zeroshot.rows is None:
             return True
         for selector in self.zeroshot.rows:
             pruner, pattern, *rest = selector.split("/")
             canonical = "dense" if pruner == "none" else str(parse_pattern(pattern))
             wanted = [pruner, canonical, *rest]
-            if [row.pruner, row.pattern, row.rotation, row.finetune][: len(wanted)] == wanted:
+            if [row.pruner, row.pattern, row.rotation, row.finetune, row.refine][: len(wanted)] == wanted:
                 return True
         return False
 
