@@ -431,25 +431,30 @@ def prune_linear(pruner: str, rows: int, cols: int, blocksize: int = 128, nm: in
     raise ValueError(f"unknown pruner {pruner!r}")
 
 
+LSQ_SOLVE_STEPS = 3  # refine._least_squares_rows: the fp32 solve and two polishing steps
+
+
 def refine_linear(
     method: str, rows: int, cols: int, sparsity: float, max_swaps: int = 100, candidates: int = 16,
     nm: int | None = None,
 ) -> Work:
-    """`pruners.refine.refine_weight` of a (rows, cols) weight, all fp64. Counted products, of
-    2 · rows · cols² each: the right-hand sides W·H, the objectives Δ·H before and after, and the
-    scale W·H of tr(W H Wᵀ). Not counted: one
-    Cholesky (k³/3) and its solve (2k²) per row for the k = (1 − sparsity) · cols kept weights.
-    Swaps add g = Δ·H (2 · rows · cols², counted) and, per swap step, the elementwise search
-    (≈ 12 · rows · cols), the candidate pairs (6 · rows · candidates²; N:M: 6 · rows · cols · M)
-    and the update of g (4 · rows · cols); the step count is the `max_swaps` bound (rows stop
-    earlier when no swap helps)."""
+    """`pruners.refine.refine_weight` of a (rows, cols) weight. Counted products, fp64, of
+    2 · rows · cols² each: the objectives Δ·H before and after, the scale W·H of tr(W H Wᵀ), and
+    one residual (W − Ŵ)·H per least-squares solve step: `LSQ_SOLVE_STEPS` of them (the fp32
+    solve and two fp64-residual polishing steps, the count measured on damped Grams up to
+    cond 2e7; worse-conditioned chunks take more, or fp64 factors). Not counted: one fp32
+    Cholesky (k³/3) per row for the k = (1 − sparsity) · cols kept weights and its two triangular
+    solves (2k²) per step. Swaps add g = Δ·H (2 · rows · cols², counted) and, per swap step, the
+    elementwise search (≈ 12 · rows · cols), the candidate pairs (6 · rows · candidates²; N:M:
+    6 · rows · cols · M) and the update of g (4 · rows · cols); the step count is the `max_swaps`
+    bound (rows stop earlier when no swap helps)."""
     if method == "none":
         return Work()
     if method not in ("lsq", "swaps"):
         raise ValueError(f"unknown refinement {method!r}")
     kept = (1 - sparsity) * cols
-    solves = _mm(rows * (kept**3 / 3 + 2 * kept**2), "fp64", counted=False)
-    work = _mm(4 * 2 * rows * cols**2, "fp64") + solves
+    solves = _mm(rows * (kept**3 / 3 + LSQ_SOLVE_STEPS * 2 * kept**2), "fp32", counted=False)
+    work = _mm((3 + LSQ_SOLVE_STEPS) * 2 * rows * cols**2, "fp64") + solves
     if method == "swaps":
         pairs = 6 * rows * cols * nm if nm else 6 * rows * candidates**2
         step = 12 * rows * cols + pairs + 4 * rows * cols
