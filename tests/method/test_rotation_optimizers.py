@@ -415,3 +415,67 @@ def test_the_compiled_entropy_kernel_matches_the_eager_one(
     for index, expected in enumerate(autograd, start=1):
         for got in (compiled[index], eager[index]):
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_the_eigenbasis_diagonalises_the_mlp_statistic_block_by_block(score: str) -> None:
+    problem = _problem(score)
+    statistic = problem.inputs["mlp"].symmetric_matrix(torch.float64)
+    for blocks in (1, 4):
+        basis = problem.eigenbasis(blocks).double()
+        size = basis.shape[0] // blocks
+        assert (basis.T @ basis - torch.eye(basis.shape[0], dtype=torch.float64)).abs().max() <= 1e-6
+        outside = torch.block_diag(*[torch.ones(size, size, dtype=torch.bool)] * blocks).logical_not()
+        assert not bool(basis[outside].any()), "an eigenbasis of diagonal blocks is block-diagonal"
+        block_statistic = torch.where(outside, 0.0, statistic)
+        rotated = basis.T @ block_statistic @ basis
+        off = rotated - torch.diag(torch.diagonal(rotated))
+        assert float(off.abs().max()) <= 1e-5 * float(rotated.abs().max())
+    assert _problem("magnitude").eigenbasis() is None  # no Gram: the run starts at the identity
+
+
+def test_the_loss_ignores_signed_permutations_of_r1s_columns() -> None:
+    """Why the eigenbasis's order and signs do not matter."""
+    problem = _problem("wanda")
+    rotation, blocks = _random_rotations(problem, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    size = rotation.shape[0]
+    signs = torch.randint(0, 2, (size,), generator=generator).double() * 2 - 1
+    shuffled = rotation[:, torch.randperm(size, generator=generator)] * signs
+    base = float(layer_loss(problem, rotation, blocks, "paper"))
+    assert float(layer_loss(problem, shuffled, blocks, "paper")) == pytest.approx(base, rel=1e-12)
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt", "magnitude"])
+def test_an_eigenbasis_start_begins_there_and_keeps_the_identity_a_candidate(
+    score: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = _problem(score)
+    identity, blocks = problem.identity()
+    identity_loss = float(layer_loss(problem, identity, blocks, "paper"))
+    firsts: list[torch.Tensor] = []
+
+    def first_iterate(step: int, rotation: torch.Tensor, _blocks: torch.Tensor, _loss: float) -> None:
+        if step == 0:
+            firsts.append(rotation.clone())
+
+    settings = RotationSettings(steps=30, start="eigenbasis", matmul_precision="highest")
+    result = train_rotation(problem, settings, progress=False, callback=first_iterate)
+    expected = problem.eigenbasis()
+    assert torch.equal(firsts[0], identity if expected is None else expected)
+    assert result.loss_start == pytest.approx(identity_loss, rel=1e-5)  # the line reports the unrotated loss
+    assert result.evaluations == len(result.loss_trace) + (expected is not None)
+    assert result.loss_best < identity_loss
+    if expected is None:
+        return
+    # a start worse than the identity, and no step: the identity is what is returned
+    worse, _ = _random_rotations(problem, seed=5)
+    assert float(layer_loss(problem, worse, blocks, "paper")) > identity_loss
+    monkeypatch.setattr(LayerProblem, "eigenbasis", lambda self, blocks=1: worse.float())
+    kept = train_rotation(problem, settings.replace(steps=0), progress=False)
+    torch.testing.assert_close(kept.rotation, identity.double(), rtol=0.0, atol=1e-12)
+    assert kept.loss_best == pytest.approx(identity_loss, rel=1e-5)
+    # with steps, it begins again at the identity (iterate 1) at the full step, and descends
+    restarted = train_rotation(problem, settings, progress=False)
+    assert restarted.loss_trace[1] == pytest.approx(identity_loss, rel=1e-5)
+    assert restarted.loss_best < identity_loss
