@@ -339,12 +339,6 @@ class RotationSettings(StageSettings):
     tangent_betas: tuple[Decay, Decay] = setting(
         (0.95, 0.99), "cayley: Adam's moment decays in the tangent space"
     )
-    start: Literal["identity", "eigenbasis"] = setting(
-        "identity",
-        "cayley: the first iterate: identity (the paper's) or the eigenbasis of the MLP input's "
-        "Gram (of its diagonal blocks when r1_blocks > 1; identity for a score without a Gram); "
-        "the identity stays a candidate either way",
-    )
     backoff: Int = setting(
         10,
         "cayley: after this many steps without a new best, return to the best iterate (and Adam's moments "
@@ -384,14 +378,11 @@ class RotationSettings(StageSettings):
         ge=0,
     )
 
-    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"loss_groups": "rows", "r1_blocks": 1, "start": "identity"}
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"loss_groups": "rows", "r1_blocks": 1}
     # The knobs each optimizer reads; the others cannot change its result.
     OPTIMIZER_KNOBS: ClassVar[dict[str, tuple[str, ...]]] = {
         "paper": ("lr", "betas", "clip"),
-        "cayley": (
-            "tangent_lr", "tangent_betas", "start", "backoff", "rise_limit", "max_halvings", "patience",
-            "tol",
-        ),
+        "cayley": ("tangent_lr", "tangent_betas", "backoff", "rise_limit", "max_halvings", "patience", "tol"),
         "lbfgs": ("history", "first_step", "max_backtracks", "patience", "tol"),
     }
 

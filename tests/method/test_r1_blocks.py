@@ -19,16 +19,11 @@ from tests.method.test_rotation_optimizers import _problem
 from tests.method.test_sequential import calibration
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "start"),
-    [("cayley", "identity"), ("cayley", "eigenbasis"), ("paper", "identity"), ("lbfgs", "identity")],
-)
+@pytest.mark.parametrize("optimizer", ["cayley", "paper", "lbfgs"])
 @pytest.mark.parametrize("blocks", [2, 4])
-def test_every_optimizer_learns_an_orthogonal_block_diagonal_r1(
-    optimizer: str, start: str, blocks: int
-) -> None:
+def test_every_optimizer_learns_an_orthogonal_block_diagonal_r1(optimizer: str, blocks: int) -> None:
     problem = _problem("wanda")
-    settings = RotationSettings(steps=12, optimizer=optimizer, r1_blocks=blocks, tol=0, start=start)
+    settings = RotationSettings(steps=12, optimizer=optimizer, r1_blocks=blocks, tol=0)
     result = train_rotation(problem, settings, progress=False)
     r1 = result.rotation
     size = r1.shape[0]

@@ -66,14 +66,11 @@ def test_rotation_step_matmuls_equal_the_flop_counter(score: str, learn_r2: bool
     assert flops.rotation_step(SHAPE, score, learn_r2).matmul == counted(step)
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "start"),
-    [("paper", "identity"), ("cayley", "identity"), ("cayley", "eigenbasis"), ("lbfgs", "identity")],
-)
+@pytest.mark.parametrize("optimizer", ["paper", "cayley", "lbfgs"])
 @pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("learn_r2", [True, False])
 def test_rotation_training_counts_the_selected_optimizers_work(
-    optimizer: str, start: str, score: str, learn_r2: bool, monkeypatch: pytest.MonkeyPatch
+    optimizer: str, score: str, learn_r2: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A whole `train_rotation` of a few steps with each optimizer, as the prune job runs it: the
     cost model's matmuls equal the counter's (the default `cayley` must not be priced as `paper`).
@@ -88,7 +85,6 @@ def test_rotation_training_counts_the_selected_optimizers_work(
     settings = RotationSettings(
         steps=steps,
         optimizer=optimizer,
-        start=start,
         learn_r2=learn_r2,
         tol=0.0,
         backoff=0,
@@ -106,7 +102,7 @@ def test_rotation_training_counts_the_selected_optimizers_work(
     assert results[0].steps == steps
     if optimizer == "lbfgs":
         assert results[0].evaluations == steps + 1  # no rejected line-search trial
-    modelled = flops.rotation_training(SHAPE, score, steps, learn_r2, optimizer=optimizer, start=start)
+    modelled = flops.rotation_training(SHAPE, score, steps, learn_r2, optimizer=optimizer)
     assert modelled.matmul == measured
 
 

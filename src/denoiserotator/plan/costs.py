@@ -327,7 +327,6 @@ def prune_work(exp: Experiment, model: str, rotated: bool, variant: str | None =
         gram="fp32" if uses_gpu(exp) else "fp64",
         matmul="tf32" if uses_gpu(exp) and exp.rotation.matmul_precision == "high" else "fp32",
         optimizer=exp.rotation.optimizer,
-        start=exp.rotation.start,
         refine=refine,
         sparsity=sparsity,
         max_swaps=exp.refinement.max_swaps,

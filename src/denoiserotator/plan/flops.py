@@ -309,12 +309,9 @@ def rotation_training(
     variant: str = "paper",
     matmul: str = ROTATION_MATMUL_PRECISION,
     optimizer: str = "paper",
-    start: str = "identity",
 ) -> Work:
     """`train_rotation` on one layer with `optimizer`: `steps` steps plus the final evaluation
-    (steps + 1 losses), after `statistic_setup`. `start` "eigenbasis" (cayley, a score with a
-    Gram) adds the identity's loss and `LayerProblem.eigenbasis` (SparseGPT: UᵀU in fp64,
-    counted; the eigendecomposition, ≈ 9 d³ fp64, not). variant "reference" computes the fused products
+    (steps + 1 losses), after `statistic_setup`. variant "reference" computes the fused products
     in bf16; `matmul` is the precision of the other float32 products ("tf32" or "fp32").
 
     - "paper": Adam behind QR on `layer_loss` (`rotation_step`);
@@ -345,11 +342,6 @@ def rotation_training(
             return rotation_step(shape, score, learn_r2, backward, precision, matmul, with_qr=False)
 
     if optimizer == "cayley":
-        if start == "eigenbasis" and score != "magnitude":
-            d = shape.hidden
-            setup = setup + loss(False) + _mm(9 * d**3, "fp64", counted=False)
-            if score == "sparsegpt":
-                setup = setup + _mm(2 * d**3, "fp64")
         return setup + (loss(True) + body_frame_step(shape, learn_r2)) * steps + loss(False)
     # lbfgs: the identity's loss and tangent first, then one accepted trial per step
     first = loss(True) + body_frame_step(shape, learn_r2, "fp64", retract=False)
@@ -485,7 +477,6 @@ def prune_job(
     gram: str = "fp32",
     matmul: str = ROTATION_MATMUL_PRECISION,
     optimizer: str = "paper",
-    start: str = "identity",
     refine: str = "none",
     sparsity: float = 0.5,
     max_swaps: int = 100,
@@ -516,7 +507,7 @@ def prune_job(
             watched = [name for name in linears if name not in needed]  # checked for inf/NaN
             per_layer = per_layer + input_statistics(shape, needed, tokens, seqlen, compute, gram, watched)
         per_layer = per_layer + rotation_training(
-            shape, rotation_score, steps, learn_r2, variant, matmul, optimizer, start
+            shape, rotation_score, steps, learn_r2, variant, matmul, optimizer
         )
         fuse = rotation_step(shape, "magnitude", backward=False)  # the same products, once, in fp64
         per_layer = per_layer + Work({"fp64": fuse.total - qr(d, backward=False).total})

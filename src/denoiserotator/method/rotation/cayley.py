@@ -81,9 +81,7 @@ def _train_cayley(
 ) -> RotationResult:
     """Adam in the body frame of O(d) × O(hd)^n_kv with the Cayley retraction.
 
-    The first iterate is the identity or (`start: eigenbasis`) `LayerProblem.eigenbasis`, the
-    identity then being evaluated first as a candidate. One loss and gradient evaluation per
-    step. Iterates are float32 products of Cayley factors,
+    One loss and gradient evaluation per step. Iterates are float32 products of Cayley factors,
     re-orthonormalised every 50 steps; the returned best iterate once more, in float64.
 
     Back-off (after `backoff` steps without a new best, or at once when the loss rises by more
@@ -100,11 +98,6 @@ def _train_cayley(
     learn_blocks = settings.learn_r2
     adam = _TangentAdam([rotation, blocks] if learn_blocks else [rotation], settings.tangent_betas)
     progress = _BestIterate((rotation, blocks), description)
-    first = problem.eigenbasis(settings.r1_blocks) if settings.start == "eigenbasis" else None
-    if first is not None:
-        with torch.no_grad(), loss_matmul_precision(settings.matmul_precision, device):
-            progress.see_identity(float(loss_fn(rotation, blocks)), rotation, blocks)
-        rotation = first.to(device)
     at_best = adam.snapshot()
     since_best, halvings, window_start = 0, 0, 0
     last_norms: list[float] = []
@@ -137,10 +130,6 @@ def _train_cayley(
         # A loss that jumps above the best (a step that overshot a sharp valley) backs off at
         # once; waiting `backoff` steps would spend them climbing back down.
         jumped = value - best_loss > settings.rise_limit * abs(best_loss)
-        if jumped and adam.count == 0:
-            # an eigenbasis start worse than the identity: begin again at the identity, full step
-            rotation, blocks = progress.best[0].clone(), progress.best[1].clone()
-            continue
         if jumped or (settings.backoff and since_best >= settings.backoff):
             if halvings == settings.max_halvings:
                 stop = "step floor"

@@ -11,6 +11,7 @@ import torch
 
 from denoiserotator.method.rotation.fuse import expand_kv_blocks
 from denoiserotator.method.rotation.loss import (
+    InputStatistic,
     squared_entropy,
 )
 from denoiserotator.method.rotation.problem import LayerProblem
@@ -54,7 +55,7 @@ class FusedLayerLoss:
         self.quadratic_statistics = {
             key: problem.inputs[key] for key in ("attn", "mlp") if problem.inputs[key].matrix is not None
         }
-        quadratics = [statistic.symmetric_matrix(dtype) for statistic in self.quadratic_statistics.values()]
+        quadratics = [_symmetric_matrix(statistic, dtype) for statistic in self.quadratic_statistics.values()]
         self.quadratic = torch.cat(quadratics) if quadratics else None
         heads, hd = self.num_heads, self.head_dim
         self.o_stat = o_stat = problem.inputs["o"]
@@ -105,6 +106,15 @@ class FusedLayerLoss:
         loss = loss + squared_entropy(o, f_o, rows=True, columns=True, block=block)
         loss = loss + squared_entropy(left[:, self.o_width :], None, rows=False, columns=True)
         return loss
+
+
+def _symmetric_matrix(statistic: InputStatistic, dtype: torch.dtype) -> torch.Tensor:
+    """M with diag(Qᵀ M Q) the statistic's rotated diagonal: H (Wanda) or UᵀU = H_λ⁻¹ (SparseGPT)."""
+    assert statistic.matrix is not None
+    if statistic.score == "wanda":
+        return statistic.matrix.to(dtype)
+    upper = statistic.matrix.to(torch.float64)
+    return (upper.T @ upper).to(dtype)
 
 
 class _StackedProduct(torch.autograd.Function):

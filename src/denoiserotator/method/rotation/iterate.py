@@ -70,8 +70,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, float], "bool | None"]
 @dataclass
 class _BestIterate:
     """The bookkeeping every optimizer shares: the loss trace, the starting loss and the best
-    iterate seen (the identity is evaluated first, so it is a candidate too: as iterate 0, or,
-    for a run that starts elsewhere, by `see_identity` before it)."""
+    iterate seen (the identity is evaluated first, so it is a candidate too)."""
 
     best: tuple[torch.Tensor, torch.Tensor]
     description: str
@@ -79,16 +78,6 @@ class _BestIterate:
     best_step: int = 0
     loss_start: float = float("nan")
     trace: list[float] = field(default_factory=list)
-    extra_evaluations: int = 0
-
-    def see_identity(self, value: float, rotation: torch.Tensor, blocks: torch.Tensor) -> None:
-        """The identity's loss for a run whose iterate 0 is elsewhere: the starting loss the
-        per-layer line reports, and the best until an iterate beats it (not in the trace)."""
-        self.extra_evaluations += 1
-        self.loss_start = value
-        if math.isfinite(value):
-            self.best_loss, self.best_step = value, 0
-            self.best = (rotation.detach().clone(), blocks.detach().clone())
 
     def see(self, step: int, value: float, rotation: torch.Tensor, blocks: torch.Tensor) -> bool | None:
         """Record the loss of iterate `step`: True if it is a new best (kept as a copy), False if
@@ -97,7 +86,7 @@ class _BestIterate:
         if not math.isfinite(value):
             log.warning("%s: non-finite loss at step %d; keeping the best so far", self.description, step)
             return None
-        if step == 0 and not self.extra_evaluations:
+        if step == 0:
             self.loss_start = value
         if value >= self.best_loss:
             return False
@@ -118,7 +107,7 @@ class _BestIterate:
             seconds=time.perf_counter() - started,
             loss_trace=self.trace,
             optimizer=optimizer,
-            evaluations=len(self.trace) + self.extra_evaluations,
+            evaluations=len(self.trace),
             stop_reason=stop,
         )
 

@@ -62,16 +62,6 @@ class InputStatistic:
             return cls(score, upper.to(torch.float32), damping=damping, variant=variant, shift=shift)
         raise ValueError(f"unknown score {score!r}; choose from {SCORES}")
 
-    def symmetric_matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """M with diag(Rᵀ M R) the rotated diagonal: H (Wanda) or UᵀU = H_λ⁻¹ (SparseGPT, the
-        product in fp64). Raises ValueError for magnitude, which has none."""
-        if self.matrix is None:
-            raise ValueError("the magnitude score has no input statistic")
-        if self.score == "wanda":
-            return self.matrix.to(dtype)
-        upper = self.matrix.to(torch.float64)
-        return (upper.T @ upper).to(dtype)
-
     def rotated_diagonal(self, rotation: torch.Tensor | None) -> torch.Tensor | None:
         """diag(Rᵀ H R) (Wanda) or diag(Rᵀ H_λ⁻¹ R) (SparseGPT); None for magnitude."""
         if self.matrix is None:

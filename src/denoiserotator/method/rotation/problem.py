@@ -69,23 +69,6 @@ class LayerProblem:
             row_block,
         )
 
-    def eigenbasis(self, blocks: int = 1) -> torch.Tensor | None:
-        """An orthogonal R1 (d, d) whose columns are eigenvectors of the MLP input's statistic
-        (H for Wanda, H_λ⁻¹ for SparseGPT: the same eigenvectors), computed in fp64, returned in
-        fp32; block-diagonal with `blocks` equal blocks, each the eigenbasis of its diagonal block.
-        The loss is invariant under signed permutations of R1's columns, so neither the order
-        nor the signs of eigenvectors matter. None when the score has no Gram (Magnitude)."""
-        statistic = self.inputs["mlp"]
-        if statistic.matrix is None:
-            return None
-        matrix = statistic.symmetric_matrix(torch.float64)
-        size = matrix.shape[0] // blocks
-        parts = [
-            torch.linalg.eigh(matrix[i : i + size, i : i + size]).eigenvectors
-            for i in range(0, matrix.shape[0], size)
-        ]
-        return torch.block_diag(*parts).to(torch.float32)
-
     def identity(self) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.weights["q"].device
         hidden = self.weights["q"].shape[1]
