@@ -157,3 +157,13 @@ def test_refinement_refuses_a_diagonal_gram() -> None:
         refine_weight(weight, pruned.weight, pruned.mask, torch.diagonal(gram), parse_pattern("50%"), "lsq")
     with pytest.raises(ValueError, match="unknown refinement"):
         refine_weight(weight, pruned.weight, pruned.mask, gram, parse_pattern("50%"), "none")  # type: ignore[arg-type]
+
+
+def test_swaps_refuse_a_mask_that_is_not_the_nm_pattern() -> None:
+    weight, gram = _problem(1)
+    spec = parse_pattern("2:4")
+    pruned = prune_weight("wanda", weight, gram, spec)
+    broken = pruned.mask.clone()
+    broken[0, :4] = True  # one group keeps all four
+    with pytest.raises(ValueError, match="not exactly 2:4"):
+        refine_weight(weight, pruned.weight, broken, gram, spec, "swaps")

@@ -446,7 +446,8 @@ def refine_linear(
     Cholesky (k³/3) per row for the k = (1 − sparsity) · cols kept weights and its two triangular
     solves (2k²) per step. Swaps add g = Δ·H (2 · rows · cols², counted) and, per swap step, the
     elementwise search (≈ 12 · rows · cols), the candidate pairs (6 · rows · candidates²; N:M:
-    6 · rows · cols · M) and the update of g (4 · rows · cols); the step count is the `max_swaps`
+    6 · rows · (cols / M) · kept · pruned per group) and the update of g (4 · rows · cols); the
+    step count is the `max_swaps`
     bound (rows stop earlier when no swap helps)."""
     if method == "none":
         return Work()
@@ -456,7 +457,9 @@ def refine_linear(
     solves = _mm(rows * (kept**3 / 3 + LSQ_SOLVE_STEPS * 2 * kept**2), "fp32", counted=False)
     work = _mm((3 + LSQ_SOLVE_STEPS) * 2 * rows * cols**2, "fp64") + solves
     if method == "swaps":
-        pairs = 6 * rows * cols * nm if nm else 6 * rows * candidates**2
+        # N:M: the kept × pruned pairs of each of the cols / M groups
+        per_group = (nm - sparsity * nm) * sparsity * nm if nm else 0.0
+        pairs = 6 * rows * cols / nm * per_group if nm else 6 * rows * candidates**2
         step = 12 * rows * cols + pairs + 4 * rows * cols
         work = work + _mm(2 * rows * cols**2, "fp64") + _mm(max_swaps * step, "fp64", counted=False)
     return work

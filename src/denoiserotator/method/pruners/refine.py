@@ -98,27 +98,37 @@ def _swap_rows(
     grad = (dense - values) @ hess  # g = H d, per row (H is symmetric)
     rows = torch.arange(values.shape[0], device=values.device)  # the rows still improving
     if pattern.is_nm:
-        m = int(pattern.m)  # type: ignore[arg-type]
-        groups = cols // m
-        blocks = hess.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).unsqueeze(0)
-        block_diag = hdiag.reshape(1, groups, 1, m)
+        m, pruned_per = int(pattern.m), int(pattern.n)  # type: ignore[arg-type]
+        groups, kept_per = cols // m, m - pruned_per
+        if not bool((keep.reshape(-1, groups, m).sum(dim=2) == kept_per).all()):
+            raise ValueError(f"refinement: the mask is not exactly {pattern} in every group")
+        offsets = (torch.arange(groups, device=values.device) * m).view(1, groups, 1)
     made = 0
     for _ in range(max_swaps):
         if rows.numel() == 0:
             break
         v, g, kept = values[rows], grad[rows], keep[rows]
         count = rows.numel()
-        prune_cost = torch.where(kept, 2 * v * g + v.square() * hdiag, _INFINITY)
         if pattern.is_nm:
-            a = prune_cost.reshape(count, groups, m, 1)
-            inside = g.reshape(count, groups, 1, m) + v.reshape(count, groups, m, 1) * blocks
-            delta = a - inside.square() / block_diag  # g_j + ŵ_i H_ij within each group
-            pruned_j = ~kept.reshape(count, groups, 1, m)
-            delta = torch.where(pruned_j, delta, _INFINITY).reshape(count, -1)
-            best, flat = delta.min(dim=1)
-            group, pair = flat // (m * m), flat % (m * m)
-            i, j = group * m + pair // m, group * m + pair % m
+            # only the kept × pruned pairs of each group, in column order (so ties resolve as a
+            # search over all m × m pairs would): (rows, groups, kept_per) and (…, pruned_per)
+            order = torch.sort((~kept).reshape(count, groups, m).to(torch.int8), dim=2, stable=True).indices
+            kept_i = (order[..., :kept_per] + offsets).reshape(count, -1)
+            pruned_j = (order[..., kept_per:] + offsets).reshape(count, -1)
+            v_i = v.gather(1, kept_i)
+            a = 2 * v_i * g.gather(1, kept_i) + v_i.square() * hdiag[kept_i]
+            cross = hess[kept_i.view(count, groups, kept_per, 1), pruned_j.view(count, groups, 1, pruned_per)]
+            inside = g.gather(1, pruned_j).view(count, groups, 1, pruned_per)
+            inside = inside + v_i.view(count, groups, kept_per, 1) * cross  # g_j + ŵ_i H_ij
+            delta = a.view(count, groups, kept_per, 1) - inside.square() / hdiag[pruned_j].view(
+                count, groups, 1, pruned_per
+            )
+            best, flat = delta.reshape(count, -1).min(dim=1)
+            group, pair = flat // (kept_per * pruned_per), flat % (kept_per * pruned_per)
+            i = kept_i.gather(1, (group * kept_per + pair // pruned_per).unsqueeze(1)).squeeze(1)
+            j = pruned_j.gather(1, (group * pruned_per + pair % pruned_per).unsqueeze(1)).squeeze(1)
         else:
+            prune_cost = torch.where(kept, 2 * v * g + v.square() * hdiag, _INFINITY)
             k = min(candidates, cols)
             local = torch.arange(count, device=values.device)
             kept_i = torch.topk(prune_cost, k, dim=1, largest=False).indices
